@@ -1,0 +1,121 @@
+"""The `ddpo` command line (DESIGN.md §4). Heavy modules (torch, diffusers) load only inside `run` and `sample`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from ddpo.core.config import resolve_config
+from ddpo.core.errors import UsageError
+from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
+
+AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
+RewardFlag = Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")]
+ModelFlag = Annotated[str | None, typer.Option("--model", help="Model plugin name.")]
+ConfigFlag = Annotated[Path | None, typer.Option("--config", help="YAML or TOML config file.")]
+SetFlag = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE config override, repeatable "
+                                                   "(e.g. --set train.learning_rate=1e-4 --set reward.target=3).")]
+EpochsFlag = Annotated[int | None, typer.Option("--epochs", help="Epochs to train.")]
+SeedFlag = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+DeviceFlag = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+
+
+def _flags(algo=None, reward=None, model=None, **top_level: Any) -> dict[str, Any]:
+    """Named flags as a config layer."""
+    flags: dict[str, Any] = {key: value for key, value in top_level.items() if value is not None}
+    for section, name in (("algorithm", algo), ("reward", reward), ("model", model)):
+        if name is not None:
+            flags[section] = {"name": name}
+    return flags
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no config.yaml); give RUN_DIR as {{logdir}}/{{run_name}}")
+    return yaml.safe_load(path.read_text())
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(name="ddpo", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Fine-tune diffusion models with reinforcement learning. "
+                           "`ddpo run` alone trains the embedded default (offline, CPU, minutes).")
+
+    @app.command()
+    def run(algo: AlgoFlag = None, reward: RewardFlag = None, model: ModelFlag = None, config: ConfigFlag = None,
+            set_: SetFlag = None, epochs: EpochsFlag = None, seed: SeedFlag = None,
+            logdir: Annotated[str | None, typer.Option("--logdir", help="Directory of run directories.")] = None,
+            run_name: Annotated[str | None, typer.Option("--run-name", help="Run directory name.")] = None,
+            resume: Annotated[Path | None, typer.Option("--resume", help="Run directory to continue from its "
+                                                        "newest checkpoint.")] = None,
+            device: DeviceFlag = None):
+        """Train: sample, score, update, log and checkpoint, epoch after epoch."""
+        base = None
+        if resume is not None:
+            base = _saved_config(resume)
+        resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
+                                                              logdir=logdir, run_name=run_name, device=device),
+                                  base=base)
+        from ddpo.core.trainer import train
+
+        train(resolved, resume_dir=resume)
+
+    @app.command("list")
+    def list_plugins(kind: Annotated[str | None, typer.Argument(help="algorithms, rewards, models or prompts.")] = None,
+                     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+        """List the installed plugins: name, package, version, description."""
+        if kind is not None and kind not in KINDS:
+            raise UsageError(f"unknown plugin kind '{kind}'; valid: {', '.join(KINDS)}")
+        registry = get_registry()
+        kinds = [kind] if kind else list(KINDS)
+        listing = {name: [registry.plugins[name][item].as_dict() for item in registry.names(name)] for name in kinds}
+        if as_json:
+            typer.echo(json.dumps(listing, indent=2))
+            return
+        for name, items in listing.items():
+            typer.echo(f"{name}:")
+            for item in items:
+                typer.echo(f"  {item['name']:<20} {item['package']} {item['version']:<8} {item['description']}")
+        for name, error in registry.failures.items():
+            typer.echo(f"failed to load plugin '{name}': {error}", err=True)
+
+    @app.command("config")
+    def show_config(algo: AlgoFlag = None, reward: RewardFlag = None, model: ModelFlag = None,
+                    config: ConfigFlag = None, set_: SetFlag = None, epochs: EpochsFlag = None,
+                    seed: SeedFlag = None, device: DeviceFlag = None):
+        """Print the merged config as YAML (what `ddpo run` with the same flags would use)."""
+        resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
+                                                              device=device))
+        typer.echo(resolved.to_yaml(), nl=False)
+
+    @app.command()
+    def sample(out: Annotated[Path, typer.Option("--out", help="PNG file to write the image grid to.")],
+               model: ModelFlag = None, config: ConfigFlag = None, set_: SetFlag = None,
+               checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint directory "
+                                                               "RUN/checkpoints/epoch_NNNN.")] = None,
+               prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt, repeatable; default: "
+                                                                "drawn from the prompt set.")] = None,
+               num: Annotated[int, typer.Option("--num", min=1, help="Number of images.")] = 16,
+               seed: SeedFlag = None, device: DeviceFlag = None):
+        """Sample images from a model (a checkpoint's fine-tuned weights, or the base model) into a grid PNG."""
+        if out.suffix.lower() != ".png":
+            raise UsageError(f"--out must be a .png file, got '{out}'")
+        base = None
+        if checkpoint is not None:
+            if not checkpoint.is_dir():
+                raise UsageError(f"checkpoint directory not found: {checkpoint}")
+            run_config = checkpoint.parent.parent / "config.yaml"
+            base = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+        resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device), base=base)
+        from ddpo.core.sampling import sample_grid
+
+        path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)
+        typer.echo(f"wrote {path}")
+
+    get_plugin_manager().hook.register_commands(app=app)
+    return app
+

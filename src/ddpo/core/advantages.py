@@ -1,0 +1,54 @@
+"""Reward normalisation into advantages (DESIGN.md §8).
+
+DDPO family: a per-prompt running buffer of rewards (size 32, min_count 16); until a prompt has min_count
+rewards the whole batch's mean and std are used; A = (r - mean) / (std + 1e-6), clipped to +-clip_max.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+EPSILON = 1e-6
+
+
+class PerPromptStatTracker:
+    """Running per-prompt reward statistics that persist across epochs (and checkpoints)."""
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Add this epoch's rewards (N,) and return their normalised advantages (N,) float64."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        prompt_array = np.array(prompts, dtype=object)
+        batch_mean, batch_std = rewards.mean(), rewards.std()
+        for prompt in dict.fromkeys(prompts):
+            selected = prompt_array == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[selected].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = np.mean(buffer), np.std(buffer)
+            advantages[selected] = (rewards[selected] - mean) / (std + EPSILON)
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()}
+
+
+def batch_advantages(rewards: np.ndarray) -> np.ndarray:
+    """(r - mean) / (std + 1e-6) over the whole batch."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + EPSILON)
+

@@ -1,0 +1,112 @@
+"""Base classes that plugins subclass: options, rewards, algorithms, prompt sets.
+
+Importing this module is cheap (no torch): `ddpo list` reads plugin classes without loading any model.
+The model base class lives in `ddpo.core.model`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pydantic
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpo.core.schema import Trajectory
+    from ddpo.core.trainer import Run
+
+
+class Options(pydantic.BaseModel):
+    """A plugin's options: a pydantic model that refuses unknown keys.
+
+    Field docstrings become the help text shown by `ddpo config` and the docs.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class Plugin:
+    """What every plugin kind shares: a `name`, nested `Options`, and `self.options` after construction."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "plugin"
+
+    class Options(Options):
+        pass
+
+    def __init__(self, options: Options | dict[str, Any] | None = None):
+        if not isinstance(options, self.Options):
+            options = self.Options.model_validate(options or {})
+        self.options = options
+
+    @classmethod
+    def description(cls) -> str:
+        """The first line of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+class Reward(Plugin):
+    """Scores a batch of images.
+
+    `load(device)` runs once before the first batch (load heavy weights there, never at import time).
+    `__call__(images, prompts, metadata)` gets a float tensor (B, 3, H, W) in [0, 1], a list of B prompts and a
+    list of B metadata dicts, and returns a float tensor (B,) or a list of B floats. It runs in a worker thread,
+    overlapping the sampling of the next batch.
+    """
+
+    kind = "reward"
+
+    def load(self, device: torch.device) -> None:
+        """Load weights onto `device`; called once per process before the first batch."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor | list[float]:
+        raise NotImplementedError(f"reward '{self.name}' does not implement __call__")
+
+
+class Algorithm(Plugin):
+    """Turns scored trajectories into parameter updates.
+
+    The trainer calls, per epoch: `compute_advantages` (unless a plugin's `compute_advantages` hook answers
+    first), then `update`, which returns the scalars to log. `setup` runs once after the model and its
+    optimizer are prepared. State beyond the policy and its optimizer (a critic, say) goes through
+    `state_dict`/`load_state_dict` so that `--resume` restores it.
+    """
+
+    kind = "algorithm"
+    needs_log_probs: ClassVar[bool] = True
+    """Whether the algorithm uses per-step log-probabilities (then sampling with eta=0 is refused)."""
+    run_defaults: ClassVar[dict[str, Any]] = {}
+    """Run-config values this algorithm recommends, applied over the model's and under the user's."""
+
+    def group_size(self) -> int:
+        """How many trajectories share a prompt and an initial noise (2 for pairwise methods)."""
+        return 1
+
+    def setup(self, run: Run) -> None:
+        """Create extra modules or optimizers; called once on every rank before the first epoch."""
+
+    def compute_advantages(self, run: Run, trajectory: Trajectory) -> torch.Tensor:
+        """Advantages (B,) or (B, T) for this rank's trajectories; the default is DDPO's per-prompt normalisation."""
+        return run.default_advantages(trajectory)
+
+    def update(self, run: Run, trajectory: Trajectory) -> dict[str, float]:
+        raise NotImplementedError(f"algorithm '{self.name}' does not implement update")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PromptSet(Plugin):
+    """Draws prompts: `sample(rng)` returns one `(prompt, metadata)` pair."""
+
+    kind = "prompts"
+
+    def sample(self, rng: random.Random) -> tuple[str, dict]:
+        raise NotImplementedError(f"prompt set '{self.name}' does not implement sample")

@@ -1,0 +1,96 @@
+"""Checkpoints: the full resumable state of a run after an epoch (DESIGN.md §6).
+
+    checkpoints/epoch_NNNN/
+      weights.safetensors       the policy's trainable weights (LoRA adapters, or the whole denoiser)
+      lora/...                  with LoRA on Stable Diffusion, diffusers' format (load_lora_weights)
+      optimizer.pt              the policy optimizer's state
+      algorithm.pt              the algorithm's own state (critic, its optimizer, ...)
+      trainer.json              epoch, reward_queries, the per-prompt reward buffers
+
+A checkpoint is written into a temporary directory and renamed when complete, so a crash never leaves a
+half-written `epoch_NNNN`. Every rank calls `save_checkpoint` (gathering sharded state needs them all); the
+main process writes. Tensors are read back with `torch.load(weights_only=True)` or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ddpo.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from ddpo.core.trainer import Run
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^epoch_(\d{4,})$")
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"epoch_{epoch:04d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.iterdir() if path.is_dir() and _NAME.match(path.name)]
+    return sorted(found, key=lambda path: int(_NAME.match(path.name).group(1)))
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Save the state after `run.epoch`; call on every rank. Returns the checkpoint directory."""
+    accelerator = run.accelerator
+    final = checkpoint_path(run.run_dir, run.epoch)
+    optimizer_state = run.optimizer.state_dict()
+    algorithm_state = run.algorithm.state_dict()
+    if accelerator.is_main_process:
+        staging = final.with_name(final.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        run.model.save_weights(staging)
+        torch.save(optimizer_state, staging / "optimizer.pt")
+        torch.save(algorithm_state, staging / "algorithm.pt")
+        trainer_state = {"epoch": run.epoch, "reward_queries": run.reward_queries,
+                         "stat_tracker": run.stat_tracker.state_dict() if run.stat_tracker else None}
+        (staging / "trainer.json").write_text(json.dumps(trainer_state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _prune(run.run_dir, run.config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore the policy, its optimizer, the algorithm, the counters and the reward buffers from `path`."""
+    path = Path(path)
+    run.model.load_weights(path)
+    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    run.algorithm.load_state_dict(torch.load(path / "algorithm.pt", map_location="cpu", weights_only=True))
+    state = json.loads((path / "trainer.json").read_text())
+    run.epoch, run.reward_queries = state["epoch"], state["reward_queries"]
+    if run.stat_tracker is not None and state["stat_tracker"] is not None:
+        run.stat_tracker.load_state_dict(state["stat_tracker"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run, or a UsageError saying there is none."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UsageError(f"no checkpoint to resume in {Path(run_dir) / CHECKPOINTS}; "
+                         "a run saves one after each epoch (see save_every)")
+    return checkpoints[-1]

@@ -1,0 +1,267 @@
+"""The run configuration: pydantic models for the keys of DESIGN.md §5, and how layers of it are merged.
+
+Precedence, lowest first: built-in defaults < the model's, then the algorithm's `run_defaults` < plugin
+option defaults < `--config` file (YAML or TOML) < `--set KEY=VALUE` < named flags (`--epochs` ...).
+Plugin sections (`algorithm`, `reward`, `model`, `prompts`) hold a `name` plus that plugin's options,
+validated by the plugin's own `Options`. When a layer names a different plugin, the options of the layers
+below it for that section are dropped (they belonged to the other plugin).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from ddpo.core.errors import UsageError
+
+PLUGIN_SECTIONS = {"algorithm": "algorithms", "reward": "rewards", "model": "models", "prompts": "prompts"}
+
+
+class Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", use_attribute_docstrings=True, coerce_numbers_to_str=True)
+
+
+class PluginSection(pydantic.BaseModel):
+    """A plugin's name and its options (validated against the plugin's `Options`)."""
+
+    model_config = pydantic.ConfigDict(extra="allow", coerce_numbers_to_str=True)
+    name: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SampleConfig(Section):
+    batch_size: int = pydantic.Field(8, ge=1)
+    """Trajectories sampled per batch, per process."""
+    batches_per_epoch: int = pydantic.Field(4, ge=1)
+    """Sampling batches per epoch; samples per epoch = batch_size x batches_per_epoch x processes."""
+    num_steps: int = pydantic.Field(50, ge=1)
+    """Denoising steps per trajectory."""
+    eta: float = pydantic.Field(1.0, ge=0.0)
+    """DDIM noise weight: 1.0 is fully stochastic; 0 is deterministic and refused by log-prob algorithms."""
+    guidance_scale: float = pydantic.Field(5.0, ge=0.0)
+    """Classifier-free guidance weight, in sampling and in training (1 or less: no guidance)."""
+
+
+class TrainConfig(Section):
+    batch_size: int = pydantic.Field(4, ge=1)
+    """Trajectories per training minibatch, per process."""
+    grad_accum: int = pydantic.Field(4, ge=1)
+    """Minibatches whose gradients (over all trained steps) make one optimizer step."""
+    learning_rate: float = pydantic.Field(3e-4, gt=0)
+    """AdamW learning rate for the policy (3e-4 suits LoRA; full fine-tuning wants about 1e-5)."""
+    weight_decay: float = pydantic.Field(1e-4, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_epsilon: float = pydantic.Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    inner_epochs: int = pydantic.Field(1, ge=1)
+    """Passes over each epoch's samples."""
+    timestep_fraction: float = pydantic.Field(1.0, gt=0, le=1)
+    """Fraction of each trajectory's policy steps trained on (a random subset per sample)."""
+    max_grad_norm: float = pydantic.Field(1.0, gt=0)
+    """Gradients are clipped to this norm before each optimizer step."""
+
+
+class AdvantageConfig(Section):
+    per_prompt_stat_tracking: bool = True
+    """Normalise rewards per prompt with a running buffer (else over the epoch's whole batch)."""
+    buffer_size: int = pydantic.Field(32, ge=1)
+    """Rewards kept per prompt."""
+    min_count: int = pydantic.Field(16, ge=1)
+    """Below this many buffered rewards for a prompt, use the batch mean and std instead."""
+    clip_max: float = pydantic.Field(5.0, gt=0)
+    """Advantages are clipped to [-clip_max, clip_max]."""
+
+
+class EvalConfig(Section):
+    rewards: list[str] = []
+    """Other reward plugins to score each epoch's samples with (cross-reward evaluation), logged as eval/<name>/mean."""
+    every: int = pydantic.Field(1, ge=1)
+    """Evaluate every N epochs."""
+
+
+class RunConfig(Section):
+    """Everything a run needs; `config.yaml` in the run directory holds it resolved."""
+
+    seed: int = 0
+    """Random seed; each process and each epoch derive their own streams from it."""
+    epochs: int = pydantic.Field(100, ge=1)
+    """Epochs to train; an epoch samples, scores, and updates once."""
+    logdir: str = "runs"
+    """Directory that holds run directories."""
+    run_name: str | None = None
+    """Run directory name; default {algo}__{reward}__{model}__s{seed}__{YYYYmmdd-HHMMSS}."""
+    device: str = pydantic.Field("auto", pattern=r"^(auto|cpu|mps|cuda)$")
+    """auto (a GPU if there is one), cpu, cuda or mps; under accelerate launch each process takes its own GPU."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast dtype for the networks; log-prob math always runs in float32."""
+    save_every: int = pydantic.Field(1, ge=1)
+    """Checkpoint every N epochs; the last epoch is always saved."""
+    keep_checkpoints: int = pydantic.Field(3, ge=0)
+    """Keep only the newest N checkpoints (0 keeps all)."""
+    algorithm: PluginSection = PluginSection(name="ddpo-is")
+    """The algorithm plugin and its options."""
+    reward: PluginSection = PluginSection(name="digit")
+    """The training reward plugin and its options."""
+    model: PluginSection = PluginSection(name="digits")
+    """The model plugin and its options (pretrained, use_lora, lora_rank, ...)."""
+    prompts: PluginSection = PluginSection(name="simple_animals")
+    """The prompt set and its options."""
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UsageError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(f"cannot parse config file {path}: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """`a.b=value` as {"a": {"b": value}}, the value parsed as a YAML scalar or flow collection."""
+    key, separator, raw = assignment.partition("=")
+    if not separator or not key.strip():
+        raise UsageError(f"--set expects KEY=VALUE (e.g. --set train.learning_rate=1e-4), got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def merge(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `upper` over `lower`. A plugin section that changes `name` replaces the lower one."""
+    merged = dict(lower)
+    for key, value in upper.items():
+        below = merged.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            renamed = key in PLUGIN_SECTIONS and "name" in below and value.get("name", below["name"]) != below["name"]
+            merged[key] = dict(value) if renamed else merge(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _valid_keys(model: type[pydantic.BaseModel], location: tuple) -> list[str]:
+    """The field names of the (nested) pydantic model at `location`."""
+    for part in location:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def describe_validation_error(error: pydantic.ValidationError, model: type[pydantic.BaseModel],
+                              prefix: str = "", extra_valid: list[str] | None = None) -> str:
+    """One line naming the key that is wrong and what would be valid."""
+    first = error.errors()[0]
+    location = tuple(first["loc"])
+    key = ".".join(str(part) for part in ((prefix,) if prefix else ()) + location)
+    if first["type"] == "extra_forbidden":
+        valid = sorted(set(_valid_keys(model, location[:-1])) | set(extra_valid or []))
+        return f"unknown config key '{key}'; valid keys here: {', '.join(valid)}"
+    return f"invalid value for '{key}': {first['msg']} (got {first['input']!r})"
+
+
+def validate_run_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise UsageError(describe_validation_error(error, RunConfig)) from None
+
+
+def resolve_config(config_file: str | Path | None = None, sets: list[str] | tuple[str, ...] = (),
+                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Merge every layer, validate it and every plugin's options, and return the resolved config.
+
+    Args:
+        config_file: a YAML or TOML file.
+        sets: `KEY=VALUE` assignments from `--set`.
+        flags: named flags as nested config values (None values are ignored).
+        base: a lowest user layer (the saved config of a run being resumed).
+    """
+    from ddpo.core.plugins import get_registry
+
+    user = dict(base or {})
+    if config_file is not None:
+        user = merge(user, load_config_file(config_file))
+    for assignment in sets:
+        user = merge(user, parse_set(assignment))
+    user = merge(user, _drop_none(flags or {}))
+
+    defaults = RunConfig().model_dump(mode="json")
+    chosen = validate_run_config(merge(defaults, user))
+    registry = get_registry()
+    model_cls = registry.get("models", chosen.model.name)
+    algorithm_cls = registry.get("algorithms", chosen.algorithm.name)
+    layered = merge(merge(merge(defaults, model_cls.run_defaults), algorithm_cls.run_defaults), user)
+    config = validate_run_config(layered)
+
+    for section, kind in PLUGIN_SECTIONS.items():
+        plugin_section: PluginSection = getattr(config, section)
+        cls = registry.get(kind, plugin_section.name)
+        try:
+            options = cls.Options.model_validate(plugin_section.options())
+        except pydantic.ValidationError as error:
+            raise UsageError(describe_validation_error(error, cls.Options, prefix=section, extra_valid=["name"])
+                             + f" (options of {kind.rstrip('s')} '{plugin_section.name}')") from None
+        setattr(config, section, PluginSection(name=plugin_section.name, **options.model_dump(mode="json")))
+    for name in config.eval.rewards:
+        registry.get("rewards", name)
+    _check_consistency(config, algorithm_cls(config.algorithm.options()))
+    return config
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: _drop_none(value) if isinstance(value, dict) else value
+            for key, value in values.items() if value is not None and value != {}}
+
+
+def _check_consistency(config: RunConfig, algorithm) -> None:
+    """Checks that span sections."""
+    if algorithm.needs_log_probs and config.sample.eta == 0 and config.model.options().get("scheduler") != "ddpm":
+        raise UsageError(f"sample.eta=0 makes DDIM sampling deterministic, so algorithm '{algorithm.name}' has no "
+                         "log-probabilities to train on; use sample.eta > 0 (1.0 is standard)")
+    group = algorithm.group_size()
+    if config.sample.batch_size % group:
+        raise UsageError(f"sample.batch_size={config.sample.batch_size} must be a multiple of algorithm "
+                         f"'{algorithm.name}' group size {group}")
+    samples = config.sample.batch_size * config.sample.batches_per_epoch
+    per_step = config.train.batch_size * config.train.grad_accum
+    if samples % per_step:
+        raise UsageError(f"samples per epoch per process (sample.batch_size x sample.batches_per_epoch = {samples}) "
+                         f"must be a multiple of train.batch_size x train.grad_accum = {per_step}")

@@ -1,0 +1,227 @@
+"""The model plugin base class: what the rollout engine and the algorithms ask of a diffusion model.
+
+A model plugin loads its pipeline in `load`, sets `self.denoiser` (the network being trained) and
+`self.scheduler` (a diffusers DDIMScheduler or DDPMScheduler), and implements `encode_prompts`,
+`predict_noise` and `decode`. Stepping with log-probabilities, LoRA, and saving/loading the trained weights
+are shared here. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pydantic
+
+from ddpo.core.base import Options, Plugin
+from ddpo.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpo.core.schema import Transitions
+
+TRAINABLE_WEIGHTS = "weights.safetensors"
+
+
+class ModelOptions(Options):
+    """Options every model plugin has."""
+
+    pretrained: str = ""
+    """Hub id or local directory of the diffusers pipeline to start from."""
+    use_lora: bool = True
+    """Train LoRA adapters on the denoiser's attention projections instead of all its weights."""
+    lora_rank: int = pydantic.Field(4, ge=1)
+    """Rank of the LoRA adapters."""
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    """Sampler: DDIM with `sample.eta` (1.0 is fully stochastic), or DDPM ancestral steps (eta ignored)."""
+
+
+class Model(Plugin):
+    """A diffusion model the trainer can sample from and fine-tune."""
+
+    kind = "model"
+    conditional: ClassVar[bool] = True
+    """Whether the model reads prompts (unconditional models get empty prompts and no guidance)."""
+    run_defaults: ClassVar[dict[str, Any]] = {}
+    """Run-config values that suit this model, applied over the built-in defaults and under the user's."""
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    class Options(ModelOptions):
+        pass
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.denoiser = None
+        self.scheduler = None
+        self.device = None
+        self.autocast = contextlib.nullcontext
+        """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
+
+    # -- what a plugin implements -------------------------------------------------------------------
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Load the pipeline onto `device`; frozen parts may use `dtype` (the mixed-precision dtype)."""
+        raise NotImplementedError(f"model '{self.name}' does not implement load")
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one state x_t in the model's space."""
+        raise NotImplementedError(f"model '{self.name}' does not implement sample_shape")
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | None:
+        """(B, L, D) prompt embeddings, or None for an unconditional model."""
+        return None
+
+    def predict_noise(self, sample: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor | None,
+                      guidance_scale: float) -> torch.Tensor:
+        """(B, C, H, W) float32 model output for x_t (B, C, H, W) at timesteps (B,), guided if the model is
+        conditional and guidance_scale > 1 (unconditional and conditional halves in one batched call)."""
+        raise NotImplementedError(f"model '{self.name}' does not implement predict_noise")
+
+    def decode(self, sample: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) float32 in [0, 1] from final states x_0 (B, C, H, W)."""
+        raise NotImplementedError(f"model '{self.name}' does not implement decode")
+
+    def export_weights(self, directory: Path) -> None:
+        """Write the trained weights in the format the model's own ecosystem loads (e.g. diffusers LoRA)."""
+
+    # -- shared mechanics ---------------------------------------------------------------------------
+
+    def make_scheduler(self, scheduler_config) -> None:
+        """Set `self.scheduler` from a diffusers scheduler config, by `options.scheduler`."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        kind = DDIMScheduler if self.options.scheduler == "ddim" else DDPMScheduler
+        self.scheduler = kind.from_config(scheduler_config)
+
+    def set_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Configure the sampler for `num_steps` steps and return its timesteps (T,) int64, first to last."""
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.timesteps.to(self.device)
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """x_T for `batch_size` samples: (B, C, H, W) standard normal scaled by the sampler's initial sigma."""
+        import torch
+
+        noise = torch.randn((batch_size, *self.sample_shape()), generator=generator, dtype=torch.float32)
+        return noise.to(self.device) * self.scheduler.init_noise_sigma
+
+    def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float,
+             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        """One sampler step with its log-probability: `(prev_sample, log_prob, mean, std)` (see core.logprob)."""
+        from diffusers import DDIMScheduler
+
+        from ddpo.core.logprob import ddim_step_with_logprob, ddpm_step_with_logprob
+
+        if isinstance(self.scheduler, DDIMScheduler):
+            return ddim_step_with_logprob(self.scheduler, model_output, timesteps, sample, eta=eta,
+                                          prev_sample=prev_sample, generator=generator)
+        return ddpm_step_with_logprob(self.scheduler, model_output, timesteps, sample,
+                                      prev_sample=prev_sample, generator=generator)
+
+    def step_log_prob(self, transitions: Transitions, eta: float, guidance_scale: float):
+        """Log-probability (B,) of each transition's action under the current weights, with gradient.
+
+        Returns `(log_prob, mean, std, model_output)`.
+        """
+        output = self.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
+                                    guidance_scale)
+        _, log_prob, mean, std = self.step(output, transitions.timesteps, transitions.sample, eta,
+                                           prev_sample=transitions.next_sample)
+        return log_prob, mean, std, output
+
+    def unwrapped_denoiser(self):
+        """The denoiser without the wrappers accelerate adds (DDP, compile)."""
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(self.denoiser)
+
+    def configure_training(self) -> None:
+        """Freeze the denoiser and add LoRA adapters, or unfreeze it all, by `options.use_lora`."""
+        import torch
+
+        denoiser = self.denoiser
+        if not self.options.use_lora:
+            denoiser.requires_grad_(True)
+            return
+        from peft import LoraConfig
+
+        denoiser.requires_grad_(False)
+        config = LoraConfig(r=self.options.lora_rank, lora_alpha=self.options.lora_rank,
+                            init_lora_weights="gaussian", target_modules=list(self.lora_target_modules))
+        try:
+            if hasattr(denoiser, "add_adapter"):
+                denoiser.add_adapter(config)
+            else:
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, denoiser)
+        except ValueError as error:
+            raise UsageError(f"model '{self.name}' cannot take LoRA adapters ({error}); "
+                             "set model.use_lora=false to fine-tune all weights") from None
+        for parameter in denoiser.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.float32)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.denoiser.parameters() if parameter.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights by parameter name, detached, contiguous, on the CPU."""
+        return {name: parameter.detach().to("cpu").contiguous()
+                for name, parameter in self.unwrapped_denoiser().named_parameters() if parameter.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy trained weights in; the names must be exactly the trainable parameters."""
+        import torch
+
+        parameters = {name: parameter for name, parameter in self.unwrapped_denoiser().named_parameters()
+                      if parameter.requires_grad}
+        if set(parameters) != set(state):
+            missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
+            raise UsageError(f"checkpoint weights do not match model '{self.name}' with "
+                             f"use_lora={self.options.use_lora}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(state[name])
+
+    def save_weights(self, directory: Path) -> None:
+        """Write the trainable weights (safetensors) and the model's export format into `directory`."""
+        from safetensors.torch import save_file
+
+        save_file(self.trainable_state_dict(), str(Path(directory) / TRAINABLE_WEIGHTS))
+        self.export_weights(Path(directory))
+
+    def load_weights(self, directory: Path) -> None:
+        """Load weights written by `save_weights`."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / TRAINABLE_WEIGHTS
+        if not path.is_file():
+            raise UsageError(f"no trained weights at {path}; give a checkpoint directory "
+                             "like RUN/checkpoints/epoch_0003")
+        self.load_trainable_state_dict(load_file(str(path)))
+
+
+def load_pretrained(pipeline_class: str, pretrained: str, **kwargs):
+    """`diffusers.<pipeline_class>.from_pretrained(pretrained, **kwargs)`, quietly, with a usage error when
+    the weights cannot be found."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # before diffusers imports the pipeline's processors
+    transformers_logging.disable_progress_bar()
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    if not pretrained:
+        raise UsageError("model.pretrained is empty; give a hub id or a local diffusers directory")
+    try:
+        return getattr(diffusers, pipeline_class).from_pretrained(pretrained, **kwargs)
+    except Exception as error:  # missing files, no network, not a pipeline directory: all user-fixable
+        reason = " ".join(str(error).split())[:300]
+        where = "the local directory" if Path(pretrained).exists() else "the hub id (no network and no cached copy?)"
+        raise UsageError(f"cannot load model.pretrained='{pretrained}' as a {pipeline_class}: {reason}. "
+                         f"Check {where}; give a hub id or a local directory saved with save_pretrained") from error

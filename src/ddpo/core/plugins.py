@@ -1,0 +1,126 @@
+"""The plugin manager: entry-point discovery, and the registry of algorithms, rewards, models and prompt sets.
+
+Built-ins are entry points of the `ddpo` distribution itself, so they are found the same way as third-party
+plugins. `DDPO_LOAD_PLUGINS=a,b` loads only the third-party entry points named a and b (empty: none);
+built-ins always load. A plugin that fails to import is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from ddpo.core import hookspecs
+from ddpo.core.base import Algorithm, Plugin, PromptSet, Reward
+from ddpo.core.errors import unknown_name_error
+from ddpo.core.model import Model
+
+GROUP = "ddpo"
+KINDS = ("algorithms", "rewards", "models", "prompts")
+_load_failures: dict[str, str] = {}
+
+
+@dataclass
+class PluginInfo:
+    """A registered plugin class and where it comes from."""
+
+    name: str
+    kind: str
+    cls: type[Plugin]
+    package: str
+    version: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "package": self.package,
+            "version": self.version,
+            "description": self.cls.description(),
+        }
+
+
+@dataclass
+class Registry:
+    """Every registered plugin class by kind and name, and the entry points that failed to load."""
+
+    plugins: dict[str, dict[str, PluginInfo]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def get(self, kind: str, name: str) -> type[Plugin]:
+        """The class registered as `name`, or a UsageError listing the valid names."""
+        try:
+            return self.plugins[kind][name].cls
+        except KeyError:
+            raise unknown_name_error(kind.rstrip("s") if kind != "prompts" else "prompt set", name,
+                                     self.plugins[kind]) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.plugins[kind])
+
+
+def _distribution_of(module_name: str) -> tuple[str, str]:
+    """(distribution name, version) of the package that holds `module_name`."""
+    top = module_name.split(".")[0]
+    dists = metadata.packages_distributions().get(top, [])
+    if not dists:
+        return top, "unknown"
+    return dists[0], metadata.version(dists[0])
+
+
+def _make_register(registry: Registry, kind: str, base: type):
+    def register(cls: type) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"register_{kind} expects a subclass of ddpo.{base.__name__}, got {cls!r}")
+        if not cls.name:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__} has no `name`")
+        package, version = _distribution_of(cls.__module__)
+        registry.plugins[kind][cls.name] = PluginInfo(cls.name, kind, cls, package, version)
+
+    return register
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    """The `ddpo` entry points to load: all built-ins, and the third-party ones DDPO_LOAD_PLUGINS allows."""
+    allowed = os.environ.get("DDPO_LOAD_PLUGINS")
+    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    chosen = []
+    for entry_point in metadata.entry_points(group=GROUP):
+        builtin = entry_point.dist is not None and entry_point.dist.name == "ddpo"
+        if builtin or allowed_names is None or entry_point.name in allowed_names:
+            chosen.append(entry_point)
+    return chosen
+
+
+@functools.cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The one plugin manager of the process, with every loadable `ddpo` entry point registered."""
+    manager = pluggy.PluginManager(GROUP)
+    manager.add_hookspecs(hookspecs)
+    for entry_point in _entry_points():
+        if manager.get_plugin(entry_point.name) is not None:
+            continue
+        try:
+            module = entry_point.load()
+            manager.register(module, name=entry_point.name)
+        except Exception as error:  # a broken plugin must not take the others down
+            _load_failures[entry_point.name] = f"{type(error).__name__}: {error}"
+            print(f"ddpo: plugin '{entry_point.name}' failed to load: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+    return manager
+
+
+@functools.cache
+def get_registry() -> Registry:
+    """All registered plugin classes, built once per process from the registration hooks."""
+    manager = get_plugin_manager()
+    registry = Registry(failures=dict(_load_failures))
+    manager.hook.register_algorithms(register=_make_register(registry, "algorithms", Algorithm))
+    manager.hook.register_rewards(register=_make_register(registry, "rewards", Reward))
+    manager.hook.register_models(register=_make_register(registry, "models", Model))
+    manager.hook.register_prompts(register=_make_register(registry, "prompts", PromptSet))
+    return registry

@@ -1,0 +1,133 @@
+"""The rollout engine: sample trajectories with per-step log-probabilities and score them.
+
+Rewards are computed in a thread pool while the next batch samples (the reward of batch i overlaps the
+denoising of batch i+1); `RolloutEngine.timeline` records when each happened so the overlap can be checked.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ddpo.core.base import PromptSet, Reward
+from ddpo.core.config import SampleConfig
+from ddpo.core.model import Model
+from ddpo.core.schema import Trajectory
+
+
+@torch.no_grad()
+def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_steps: int, eta: float,
+                 guidance_scale: float, generator: torch.Generator, group_size: int = 1,
+                 first_group_id: int = 0) -> tuple[Trajectory, torch.Tensor]:
+    """Sample one batch of trajectories.
+
+    Consecutive runs of `group_size` samples share their initial noise x_T (give them the same prompt);
+    they differ only by the noise of the stochastic steps.
+
+    Returns:
+        The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1].
+    """
+    batch_size = len(prompts)
+    if batch_size % group_size:
+        raise ValueError(f"batch of {batch_size} is not a multiple of the group size {group_size}")
+    prompt_embeds = model.encode_prompts(prompts)
+    timesteps = model.set_timesteps(num_steps)
+    sample = model.initial_noise(batch_size // group_size, generator).repeat_interleave(group_size, dim=0)
+    states, log_probs, policy_steps = [sample], [], []
+    for timestep in timesteps:
+        step_timesteps = timestep.repeat(batch_size)
+        output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
+        sample, log_prob, _, std = model.step(output, step_timesteps, sample, eta, generator=generator)
+        stochastic = (std > 0).reshape(-1).expand(batch_size)
+        states.append(sample)
+        log_probs.append(torch.where(stochastic, log_prob, torch.zeros_like(log_prob)))
+        policy_steps.append(stochastic)
+    images = model.decode(sample)
+    trajectory = Trajectory(
+        latents=torch.stack(states, dim=1),
+        timesteps=timesteps.repeat(batch_size, 1),
+        log_probs=torch.stack(log_probs, dim=1),
+        policy_steps=torch.stack(policy_steps, dim=1),
+        prompts=list(prompts),
+        prompt_metadata=list(metadata),
+        prompt_embeds=prompt_embeds,
+        group_ids=torch.arange(batch_size, device=sample.device) // group_size + first_group_id,
+    )
+    return trajectory, images
+
+
+def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+    """Call a reward plugin and check its answer: (B,) finite float32 on the CPU."""
+    with torch.no_grad():
+        values = reward(images, prompts, metadata)
+    values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    if values.shape != (len(prompts),):
+        raise RuntimeError(f"reward '{reward.name}' returned shape {tuple(values.shape)} for a batch of "
+                           f"{len(prompts)}; expected ({len(prompts)},)")
+    if not torch.isfinite(values).all():
+        raise RuntimeError(f"reward '{reward.name}' returned non-finite values: {values.tolist()}")
+    return values
+
+
+class RolloutEngine:
+    """Samples an epoch's trajectories batch by batch and scores each batch in a worker thread."""
+
+    def __init__(self, model: Model, reward: Reward, prompt_set: PromptSet, sample_config: SampleConfig,
+                 group_size: int = 1, reward_workers: int = 2):
+        self.model = model
+        self.reward = reward
+        self.prompt_set = prompt_set
+        self.config = sample_config
+        self.group_size = group_size
+        self.executor = ThreadPoolExecutor(max_workers=reward_workers, thread_name_prefix="ddpo-reward")
+        self.timeline: list[tuple[str, int, float, float]] = []
+        """(what, batch index, start, end) in time.perf_counter() seconds, for the last `collect`."""
+
+    def draw_prompts(self, rng: random.Random) -> tuple[list[str], list[dict]]:
+        """One batch of prompts, each drawn prompt repeated `group_size` times."""
+        drawn = [self.prompt_set.sample(rng) for _ in range(self.config.batch_size // self.group_size)]
+        prompts = [prompt for prompt, _ in drawn for _ in range(self.group_size)]
+        metadata = [dict(meta) for _, meta in drawn for _ in range(self.group_size)]
+        if not self.model.conditional:
+            prompts = [""] * len(prompts)
+        return prompts, metadata
+
+    def _timed_score(self, index: int, images, prompts, metadata) -> torch.Tensor:
+        start = time.perf_counter()
+        rewards = score(self.reward, images, prompts, metadata)
+        self.timeline.append(("reward", index, start, time.perf_counter()))
+        return rewards
+
+    def collect(self, generator: torch.Generator, rng: random.Random,
+                progress=None) -> tuple[Trajectory, torch.Tensor]:
+        """Sample and score `batches_per_epoch` batches.
+
+        Returns:
+            The epoch's trajectories with `rewards` (B,) set, and their images (B, 3, H, W) on the CPU.
+        """
+        self.timeline = []
+        parts: list[Trajectory] = []
+        images: list[torch.Tensor] = []
+        futures: list[Future] = []
+        for index in range(self.config.batches_per_epoch):
+            prompts, metadata = self.draw_prompts(rng)
+            start = time.perf_counter()
+            trajectory, batch_images = sample_batch(
+                self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
+                guidance_scale=self.config.guidance_scale, generator=generator, group_size=self.group_size,
+                first_group_id=index * (self.config.batch_size // self.group_size))
+            self.timeline.append(("sample", index, start, time.perf_counter()))
+            futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))
+            parts.append(trajectory)
+            images.append(batch_images.cpu())
+            if progress is not None:
+                progress.update(1)
+        trajectory = Trajectory.cat(parts)
+        trajectory.rewards = torch.cat([future.result() for future in futures]).to(trajectory.latents.device)
+        return trajectory, torch.cat(images)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

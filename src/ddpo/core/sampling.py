@@ -1,0 +1,55 @@
+"""`ddpo sample`: draw images from a model, base or fine-tuned, into one grid PNG."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import torch
+
+from ddpo.core.config import RunConfig
+from ddpo.core.errors import UsageError
+from ddpo.core.images import make_grid, save_png
+from ddpo.core.plugins import get_registry
+from ddpo.core.rollout import sample_batch
+
+
+def pick_device(config: RunConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UsageError("device 'cuda' was asked for but no CUDA GPU is visible; valid here: auto, cpu")
+        return torch.device("cuda")
+    if config.device == "mps":
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, prompts: list[str] = (),
+                count: int = 16) -> Path:
+    """Sample `count` images with the config's model and sampler settings and write them as a grid to `out`.
+
+    With `checkpoint`, the trained weights of that checkpoint are loaded over the base model. Prompts cycle
+    through `prompts`, or are drawn from the config's prompt set.
+    """
+    registry = get_registry()
+    model = registry.get("models", config.model.name)(config.model.options())
+    model.load(pick_device(config), torch.float32)
+    if checkpoint is not None:
+        model.configure_training()
+        model.load_weights(checkpoint)
+    model.denoiser.eval()
+    prompt_set = registry.get("prompts", config.prompts.name)(config.prompts.options())
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    given = itertools.cycle(prompts) if prompts else None
+    images = []
+    for start in range(0, count, config.sample.batch_size):
+        size = min(config.sample.batch_size, count - start)
+        drawn = [(next(given), {}) if given else prompt_set.sample(rng) for _ in range(size)]
+        batch_prompts = [prompt if model.conditional else "" for prompt, _ in drawn]
+        _, batch_images = sample_batch(model, batch_prompts, [meta for _, meta in drawn],
+                                       num_steps=config.sample.num_steps, eta=config.sample.eta,
+                                       guidance_scale=config.sample.guidance_scale, generator=generator)
+        images.append(batch_images.cpu())
+    return save_png(make_grid(torch.cat(images)), out)

@@ -1,0 +1,270 @@
+"""The trainer: epochs of rollout -> rewards -> advantages -> algorithm update -> logging -> checkpoint.
+
+Runs on one process or many through accelerate. Randomness is derived per (seed, epoch, process), so a run
+resumed from the checkpoint of epoch N continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
+
+from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
+from ddpo.core.base import Algorithm, PromptSet, Reward
+from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpo.core.config import RunConfig
+from ddpo.core.errors import UsageError
+from ddpo.core.images import make_grid, save_png
+from ddpo.core.logging import RunLogger, truncate_metrics
+from ddpo.core.model import Model
+from ddpo.core.optim import GradientAccumulator
+from ddpo.core.plugins import get_plugin_manager, get_registry
+from ddpo.core.rollout import RolloutEngine, score
+
+CONFIG_FILE = "config.yaml"
+GRID_IMAGES = 64
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (the run seed, the epoch, the process, a purpose)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def default_run_name(config: RunConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{config.algorithm.name}__{config.reward.name}__{config.model.name}__s{config.seed}__{stamp}"
+
+
+@dataclass
+class Run:
+    """A run in progress: what hooks and algorithms get."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    model: Model
+    reward: Reward
+    algorithm: Algorithm
+    prompt_set: PromptSet
+    run_dir: Path
+    optimizer: Any
+    stat_tracker: PerPromptStatTracker | None
+    eval_rewards: dict[str, Reward] = field(default_factory=dict)
+    epoch: int = 0
+    """The current epoch (numbered from 1); after a checkpoint load, the epoch it holds."""
+    reward_queries: int = 0
+    """Images scored by the training reward so far, over all processes."""
+    gathered_rewards: torch.Tensor | None = None
+    """(N,) this epoch's rewards over all processes, process 0's first."""
+    gathered_prompts: list[str] | None = None
+    """N prompts matching `gathered_rewards`."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator for this epoch, process and purpose (e.g. "sample", "train")."""
+        seed = derive_seed(self.config.seed, self.epoch, self.accelerator.process_index, purpose)
+        return torch.Generator().manual_seed(seed)
+
+    def accumulator(self, micro_steps: int) -> GradientAccumulator:
+        """A gradient accumulator on the policy that steps once per `micro_steps` backward passes."""
+        return GradientAccumulator(self.accelerator, self.model.denoiser, self.optimizer,
+                                   self.model.trainable_parameters(), micro_steps, self.config.train.max_grad_norm)
+
+    def progress(self, total: int, description: str):
+        """A progress bar, shown on the main process only."""
+        return tqdm(total=total, desc=description, leave=False, disable=not self.is_main, dynamic_ncols=True)
+
+    def default_advantages(self, trajectory) -> torch.Tensor:
+        """DDPO's advantages for this process's trajectories (B,): rewards normalised per prompt over all
+        processes (or over the whole batch), clipped to +-advantage.clip_max."""
+        rewards = self.gathered_rewards.numpy()
+        if self.stat_tracker is not None:
+            advantages = self.stat_tracker.update(self.gathered_prompts, rewards)
+        else:
+            advantages = batch_advantages(rewards)
+        clip = self.config.advantage.clip_max
+        advantages = torch.as_tensor(np.clip(advantages, -clip, clip), dtype=torch.float32)
+        local = advantages.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
+        return local.to(trajectory.latents.device)
+
+
+def _accelerator(config: RunConfig) -> Accelerator:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but no CUDA GPU is visible; valid here: auto, cpu")
+    if config.device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' was asked for but MPS is not available; valid here: auto, cpu")
+    return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _run_dir(config: RunConfig, accelerator: Accelerator, resume_dir: Path | None) -> Path:
+    """The run directory: the resumed one, or a new one named by the config (the same on every process)."""
+    if resume_dir is not None:
+        return Path(resume_dir)
+    names = [config.run_name or default_run_name(config)]
+    broadcast_object_list(names)
+    config.run_name = names[0]
+    run_dir = Path(config.logdir) / config.run_name
+    if (run_dir / CONFIG_FILE).exists():
+        raise UsageError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another --run-name")
+    return run_dir
+
+
+def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
+    """Train as the config says (resuming `resume_dir` from its newest checkpoint if given).
+
+    Returns the run directory.
+    """
+    accelerator = _accelerator(config)
+    hooks = get_plugin_manager().hook
+    registry = get_registry()
+    _seed_everything(config.seed)
+    checkpoint = latest_checkpoint(resume_dir) if resume_dir is not None else None
+    run_dir = _run_dir(config, accelerator, resume_dir)
+
+    model: Model = registry.get("models", config.model.name)(config.model.options())
+    reward: Reward = registry.get("rewards", config.reward.name)(config.reward.options())
+    algorithm: Algorithm = registry.get("algorithms", config.algorithm.name)(config.algorithm.options())
+    prompt_set: PromptSet = registry.get("prompts", config.prompts.name)(config.prompts.options())
+    eval_rewards = {name: registry.get("rewards", name)() for name in config.eval.rewards}
+
+    model.load(accelerator.device, DTYPES[config.mixed_precision])
+    model.configure_training()
+    for scorer in (reward, *eval_rewards.values()):
+        scorer.load(accelerator.device)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate,
+                                  betas=config.train.adam_betas, weight_decay=config.train.weight_decay,
+                                  eps=config.train.adam_epsilon)
+    model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
+    model.autocast = accelerator.autocast
+
+    tracker = (PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
+               if config.advantage.per_prompt_stat_tracking else None)
+    run = Run(config=config, accelerator=accelerator, model=model, reward=reward, algorithm=algorithm,
+              prompt_set=prompt_set, run_dir=run_dir, optimizer=optimizer, stat_tracker=tracker,
+              eval_rewards=eval_rewards)
+    algorithm.setup(run)
+    if checkpoint is not None:
+        load_checkpoint(run, checkpoint)
+
+    logger = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+        if checkpoint is not None:
+            truncate_metrics(run_dir, run.epoch)
+        logger = RunLogger(run_dir, purge_step=run.reward_queries + 1 if checkpoint is not None else None)
+        if checkpoint is None:
+            logger.log_hparams(config.model_dump(mode="json"), ["reward/mean", "reward/max"])
+    accelerator.wait_for_everyone()
+
+    engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size())
+    hooks.on_run_start(run=run)
+    grid_path = None
+    try:
+        for epoch in range(run.epoch + 1, config.epochs + 1):
+            run.epoch = epoch
+            record, grid_path = _train_epoch(run, engine, logger, hooks)
+            hooks.on_epoch_end(run=run, epoch=epoch, metrics=record)
+            if epoch % config.save_every == 0 or epoch == config.epochs:
+                path = save_checkpoint(run)
+                hooks.on_checkpoint(run=run, path=path)
+        hooks.on_run_end(run=run)
+    finally:
+        engine.close()
+        if logger is not None:
+            logger.close()
+    if accelerator.is_main_process:
+        print(f"\nrun directory: {run_dir}", file=sys.stderr)
+        print(f"look at it:    tensorboard --logdir {run_dir}", file=sys.stderr)
+        if grid_path is not None:
+            print(f"final samples: {grid_path}", file=sys.stderr)
+    return run_dir
+
+
+def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hooks) -> tuple[dict, Path | None]:
+    """One epoch; returns the logged record and the path of the epoch's image grid (main process)."""
+    config, accelerator, epoch = run.config, run.accelerator, run.epoch
+    started = time.perf_counter()
+    _seed_everything(derive_seed(config.seed, epoch, accelerator.process_index, "global"))
+
+    run.model.denoiser.eval()
+    with run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar:
+        trajectory, images = engine.collect(
+            run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
+                                                               "prompts")), progress=bar)
+    hooks.on_rollout_end(run=run, trajectory=trajectory)
+
+    run.gathered_rewards = accelerator.gather(trajectory.rewards.to(accelerator.device)).cpu()
+    run.gathered_prompts = gather_object(trajectory.prompts)
+    run.reward_queries += len(run.gathered_rewards)
+    hooks.on_rewards(run=run, trajectory=trajectory)
+
+    advantages = hooks.compute_advantages(run=run, trajectory=trajectory)
+    if advantages is None:
+        advantages = run.algorithm.compute_advantages(run, trajectory)
+    trajectory.advantages = advantages.to(trajectory.latents.device, torch.float32)
+    trajectory.validate()
+
+    run.model.denoiser.train()
+    metrics = dict(run.algorithm.update(run, trajectory))
+    hooks.on_update_end(run=run, metrics=metrics)
+
+    rewards = run.gathered_rewards
+    scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
+               "reward/min": rewards.min(), "reward/max": rewards.max(), **metrics}
+    if run.eval_rewards and epoch % config.eval.every == 0:
+        scalars.update(_evaluate(run, images, trajectory))
+    seconds = time.perf_counter() - started
+    scalars.update({"perf/epoch_seconds": seconds, "perf/samples_per_second": len(rewards) / seconds,
+                    "perf/peak_memory_mb": _peak_memory_mb(accelerator.device)})
+    scalars = {tag: float(value) for tag, value in scalars.items()}
+
+    record, grid_path = {"epoch": epoch, "reward_queries": run.reward_queries, **scalars}, None
+    if logger is not None:
+        grid = make_grid(images[:GRID_IMAGES])
+        grid_path = save_png(grid, run.run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        record = logger.log_epoch(epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid)
+    return record, grid_path
+
+
+def _evaluate(run: Run, images: torch.Tensor, trajectory) -> dict[str, float]:
+    """Score the epoch's images with every evaluation reward; means over all processes."""
+    results = {}
+    size = run.config.sample.batch_size
+    for name, scorer in run.eval_rewards.items():
+        values = torch.cat([
+            score(scorer, images[start:start + size].to(run.accelerator.device), trajectory.prompts[start:start + size],
+                  trajectory.prompt_metadata[start:start + size])
+            for start in range(0, len(images), size)])
+        results[f"eval/{name}/mean"] = run.accelerator.gather(values.to(run.accelerator.device)).mean()
+    return results

@@ -1,0 +1,1 @@
+"""Algorithm plugins, one paper per file."""

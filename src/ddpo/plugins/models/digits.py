@@ -1,0 +1,41 @@
+"""The embedded default model: a small DDPM trained by this project on scikit-learn's bundled 8x8
+handwritten digits (upscaled to 16x16 RGB), shipped inside the package as safetensors.
+
+It loads through the `ddpm` plugin's code (`DDPMPipeline.from_pretrained` on the package path), so the
+offline demo exercises the same path as the real pixel-space models. `scripts/train_digits.py` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import ddpo
+from ddpo.plugins.models.ddpm import PixelDDPM
+
+
+def shipped_digits_path() -> str:
+    return str(resources.files("ddpo") / "assets" / "digits")
+
+
+class Digits(PixelDDPM):
+    """A 16x16 DDPM of handwritten digits shipped with ddpo: the offline, CPU, minutes-long default."""
+
+    name = "digits"
+    run_defaults = {
+        **PixelDDPM.run_defaults,
+        "epochs": 40,
+        "sample": {"batch_size": 32, "batches_per_epoch": 2, "num_steps": 20, "eta": 1.0, "guidance_scale": 1.0},
+        "train": {"batch_size": 32, "grad_accum": 1, "learning_rate": 1e-4, "timestep_fraction": 0.5},
+    }
+
+    class Options(PixelDDPM.Options):
+        pretrained: str = ""
+        """Hub id or local directory of a DDPMPipeline; empty: the digits model shipped in the package."""
+
+    def pretrained_path(self) -> str:
+        return self.options.pretrained or shipped_digits_path()
+
+
+@ddpo.hookimpl
+def register_models(register):
+    register(Digits)
