@@ -10,11 +10,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli
 
-# Small, fast settings for the tiny random SD pipeline; all weights are trained (its few attention layers
-# give LoRA little leverage on the image) with a learning rate that moves them within a few epochs.
-TINY_SD = ["--model", "sd14", "--set", "sample.num_steps=4", "--set", "sample.batch_size=8",
-           "--set", "sample.batches_per_epoch=4", "--set", "train.batch_size=8", "--set", "train.grad_accum=1"]
-FULL_FINETUNE = ["--set", "model.use_lora=false", "--set", "train.learning_rate=1e-3"]
+# Small, fast settings for the tiny random SD pipeline. All weights are trained (its few attention layers give
+# LoRA little leverage on the image) with a learning rate that moves them within a few epochs, and each epoch
+# makes one optimizer step from all 32 samples: on a random network the policy gradient of a 16-sample
+# minibatch is mostly noise, and PPO's later clipped steps then wander (clipping itself is tested on its own in
+# test_algorithms.py). With these settings the reward rose for every seed tried.
+TINY_SD = ["--model", "sd14", "--set", "sample.num_steps=4", "--set", "sample.batch_size=16",
+           "--set", "sample.batches_per_epoch=2", "--set", "train.batch_size=16", "--set", "train.grad_accum=2",
+           "--set", "model.use_lora=false", "--set", "train.learning_rate=1e-3"]
+EPOCHS = 6
 DESIGN_TAGS = ["reward/mean", "reward/std", "reward/min", "reward/max", "policy/approx_kl", "policy/clipfrac",
                "policy/ratio_mean", "loss/policy", "loss/total", "perf/epoch_seconds", "perf/samples_per_second",
                "perf/peak_memory_mb"]
@@ -30,17 +34,21 @@ def train(logdir, name, *args, env=None):
     return logdir / name
 
 
+def is_args(tiny_sd):
+    return ["--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD, "--set", f"model.pretrained={tiny_sd}",
+            "--epochs", str(EPOCHS), "--set", "eval.rewards=[incompressibility]"]
+
+
 @pytest.fixture(scope="module")
 def is_run(tiny_sd, tmp_path_factory):
-    """ddpo-is on the tiny SD pipeline, compressibility, 3 epochs, with incompressibility as eval reward."""
-    return train(tmp_path_factory.mktemp("runs"), "is", "--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD,
-                 "--set", f"model.pretrained={tiny_sd}", *FULL_FINETUNE, "--epochs", "3",
-                 "--set", "eval.rewards=[incompressibility]")
+    """ddpo-is on the tiny SD pipeline with the compressibility reward, incompressibility as eval reward."""
+    return train(tmp_path_factory.mktemp("runs"), "is", *is_args(tiny_sd))
 
 
 def assert_rising(rewards):
-    """The later epochs score clearly above the first (about 10x the standard error of an epoch's mean)."""
-    assert rewards[-1] > rewards[0] + 0.01 and sum(rewards[1:]) / len(rewards[1:]) > rewards[0] + 0.005, rewards
+    """The last two epochs score clearly above the first: by 0.02 kB, about 10 standard errors of an epoch's
+    mean (the rise was 0.04-0.06 kB for every seed tried)."""
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.02, rewards
 
 
 def test_ddpo_is_raises_compressibility(is_run):
@@ -49,8 +57,7 @@ def test_ddpo_is_raises_compressibility(is_run):
 
 def test_ddpo_sf_raises_compressibility(tiny_sd, tmp_path):
     run_dir = train(tmp_path, "sf", "--algo", "ddpo-sf", "--reward", "compressibility", *TINY_SD,
-                    "--set", f"model.pretrained={tiny_sd}", "--set", "model.use_lora=false",
-                    "--set", "train.learning_rate=3e-3", "--epochs", "3")
+                    "--set", f"model.pretrained={tiny_sd}", "--epochs", str(EPOCHS))
     records = read_metrics(run_dir)
     assert_rising([record["reward/mean"] for record in records])
     assert all(record["train/optimizer_steps"] == 1 for record in records)  # one step per round of sampling
@@ -58,20 +65,22 @@ def test_ddpo_sf_raises_compressibility(tiny_sd, tmp_path):
 
 def test_run_directory_has_the_contract_layout(is_run):
     records = read_metrics(is_run)
-    assert [record["epoch"] for record in records] == [1, 2, 3]
-    assert [record["reward_queries"] for record in records] == [32, 64, 96]
+    assert [record["epoch"] for record in records] == list(range(1, EPOCHS + 1))
+    assert [record["reward_queries"] for record in records] == [32 * epoch for epoch in range(1, EPOCHS + 1)]
     for record in records:
         for tag in DESIGN_TAGS + ["eval/incompressibility/mean"]:
             assert isinstance(record[tag], float), tag
-    assert records[0]["train/optimizer_steps"] == 4  # 32 samples / (train.batch_size 8 x grad_accum 1)
+        assert record["train/optimizer_steps"] == 1  # 32 samples / (train.batch_size 16 x grad_accum 2)
     assert len(list(is_run.glob("events.out.tfevents.*"))) == 1
-    for epoch in (1, 2, 3):
-        checkpoint = is_run / "checkpoints" / f"epoch_{epoch:04d}"
-        assert {path.name for path in checkpoint.iterdir()} == {"weights.safetensors", "optimizer.pt",
-                                                                "algorithm.pt", "trainer.json"}
-        assert (is_run / "samples" / f"epoch_{epoch:04d}.png").is_file()
-    config_text = (is_run / "config.yaml").read_text()
-    assert "run_name: is" in config_text and "use_lora: false" in config_text
+    kept = sorted(path.name for path in (is_run / "checkpoints").iterdir())
+    assert kept == [f"epoch_{epoch:04d}" for epoch in range(EPOCHS - 2, EPOCHS + 1)]  # keep_checkpoints: 3
+    for name in kept:
+        assert {path.name for path in (is_run / "checkpoints" / name).iterdir()} == {
+            "weights.safetensors", "optimizer.pt", "algorithm.pt", "trainer.json"}
+    assert sorted(path.name for path in (is_run / "samples").iterdir()) == [
+        f"epoch_{epoch:04d}.png" for epoch in range(1, EPOCHS + 1)]
+    config = yaml_config(is_run)
+    assert config["run_name"] == "is" and config["model"]["use_lora"] is False and config["epochs"] == EPOCHS
 
 
 def test_eval_reward_scores_the_same_images(is_run):
@@ -84,11 +93,12 @@ def test_tensorboard_event_file_reads_back_with_reward_queries_as_step(is_run):
     events.Reload()
     records = read_metrics(is_run)
     scalars = events.Scalars("reward/mean")
-    assert [event.step for event in scalars] == [32, 64, 96]
+    steps = [32 * epoch for epoch in range(1, EPOCHS + 1)]
+    assert [event.step for event in scalars] == steps
     assert [event.value for event in scalars] == pytest.approx([record["reward/mean"] for record in records])
     tags = events.Tags()
     assert set(DESIGN_TAGS) <= set(tags["scalars"])
-    assert [event.step for event in events.Images("samples")] == [32, 64, 96]
+    assert [event.step for event in events.Images("samples")] == steps
     assert "reward/distribution" in tags["histograms"]
     assert events.PluginTagToContent("hparams")  # the config as hparams, in the same event stream
 
@@ -109,13 +119,12 @@ def crash_plugin(directory):
 def test_resume_after_a_crash_continues_exactly_like_the_uninterrupted_run(is_run, tiny_sd, tmp_path):
     (tmp_path / "plugin").mkdir()
     plugin = crash_plugin(tmp_path / "plugin")
-    args = ["--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD, "--set", f"model.pretrained={tiny_sd}",
-            *FULL_FINETUNE, "--epochs", "3", "--set", "eval.rewards=[incompressibility]",
-            "--logdir", str(tmp_path), "--run-name", "crashed"]
-    crashed = run_cli("run", *args, env={"PYTHONPATH": str(plugin), "CRASH_AT_EPOCH": "2"})
+    args = [*is_args(tiny_sd), "--logdir", str(tmp_path), "--run-name", "crashed"]
+    crashed = run_cli("run", *args, env={"PYTHONPATH": str(plugin), "CRASH_AT_EPOCH": "3"})
     assert crashed.returncode == 1 and "simulated crash" in crashed.stderr
     run_dir = tmp_path / "crashed"
-    assert [path.name for path in (run_dir / "checkpoints").iterdir()] == ["epoch_0001"]
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert len(read_metrics(run_dir)) == 3  # the crashed epoch was logged before the crash
 
     resumed = run_cli("run", "--resume", str(run_dir), env={"PYTHONPATH": str(plugin)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -123,12 +132,12 @@ def test_resume_after_a_crash_continues_exactly_like_the_uninterrupted_run(is_ru
     ours = [{k: v for k, v in record.items() if not k.startswith(ignore)} for record in read_metrics(run_dir)]
     reference = [{k: v for k, v in record.items() if not k.startswith(ignore)} for record in read_metrics(is_run)]
     assert ours == reference
-    final = load_file(run_dir / "checkpoints" / "epoch_0003" / "weights.safetensors")
-    expected = load_file(is_run / "checkpoints" / "epoch_0003" / "weights.safetensors")
+    final = load_file(run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}" / "weights.safetensors")
+    expected = load_file(is_run / "checkpoints" / f"epoch_{EPOCHS:04d}" / "weights.safetensors")
     assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in final)
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert [event.step for event in events.Scalars("reward/mean")] == [32, 64, 96]  # the crashed epoch is purged
+    assert [event.step for event in events.Scalars("reward/mean")] == [32 * epoch for epoch in range(1, EPOCHS + 1)]
 
 
 def test_resume_can_extend_a_finished_run(is_run, tmp_path):
@@ -136,11 +145,12 @@ def test_resume_can_extend_a_finished_run(is_run, tmp_path):
 
     run_dir = tmp_path / "extended"
     shutil.copytree(is_run, run_dir)
-    result = run_cli("run", "--resume", str(run_dir), "--epochs", "4")
+    result = run_cli("run", "--resume", str(run_dir), "--epochs", str(EPOCHS + 1))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [record["epoch"] for record in read_metrics(run_dir)] == [1, 2, 3, 4]
-    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003",
-                                                                                  "epoch_0004"]
+    assert [record["epoch"] for record in read_metrics(run_dir)] == list(range(1, EPOCHS + 2))
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [
+        f"epoch_{epoch:04d}" for epoch in range(EPOCHS - 1, EPOCHS + 2)]
+    assert yaml_config(run_dir)["epochs"] == EPOCHS + 1
 
 
 def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, tmp_path):
@@ -149,7 +159,8 @@ def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, tmp_path):
     from ddpo.plugins.models.sd import StableDiffusion
 
     run_dir = train(tmp_path, "lora", "--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD,
-                    "--set", f"model.pretrained={tiny_sd}", "--epochs", "1")
+                    "--set", f"model.pretrained={tiny_sd}", "--set", "model.use_lora=true",
+                    "--set", "train.learning_rate=3e-4", "--epochs", "1")
     checkpoint = run_dir / "checkpoints" / "epoch_0001"
     assert (checkpoint / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -173,7 +184,7 @@ def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, tmp_path):
 def test_sample_command_writes_grids_of_the_base_and_fine_tuned_model(is_run, tmp_path):
     from PIL import Image
 
-    checkpoint = is_run / "checkpoints" / "epoch_0003"
+    checkpoint = is_run / "checkpoints" / f"epoch_{EPOCHS:04d}"
     tuned = run_cli("sample", "--checkpoint", str(checkpoint), "--num", "6", "--prompt", "cat", "--prompt", "dog",
                     "--out", str(tmp_path / "tuned.png"))
     assert tuned.returncode == 0, tuned.stderr[-2000:]

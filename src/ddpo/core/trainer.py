@@ -88,8 +88,9 @@ class Run:
                                    self.model.trainable_parameters(), micro_steps, self.config.train.max_grad_norm)
 
     def progress(self, total: int, description: str):
-        """A progress bar, shown on the main process only."""
-        return tqdm(total=total, desc=description, leave=False, disable=not self.is_main, dynamic_ncols=True)
+        """A progress bar on the main process, when stderr is a terminal."""
+        return tqdm(total=total, desc=description, leave=False, disable=None if self.is_main else True,
+                    dynamic_ncols=True)
 
     def default_advantages(self, trajectory) -> torch.Tensor:
         """DDPO's advantages for this process's trajectories (B,): rewards normalised per prompt over all
