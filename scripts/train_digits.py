@@ -188,6 +188,7 @@ def train_ddpm(images: torch.Tensor, args) -> tuple[UNet2DModel, DDPMScheduler]:
     """Plain epsilon-prediction DDPM training; returns the EMA weights, which sample cleaner."""
     data = images.repeat(1, 3, 1, 1) * 2.0 - 1.0
     generator = torch.Generator().manual_seed(args.seed + 1)
+    torch.manual_seed(args.seed + 1)  # weight init independent of the classifier phase
     unet = UNet2DModel(**UNET_CONFIG)
     ema = copy.deepcopy(unet).requires_grad_(False)
     noise_scheduler = make_ddpm_scheduler(args.beta_schedule)
