@@ -116,8 +116,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def non_digits(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images that are no digit (flat fields, random blobs, pixel-shuffled digits), one per input.
 
-    Trained towards a uniform prediction, they keep the reward from being high for blank
-    or noisy samples, which an RL fine-tune would otherwise exploit.
+    Trained as the classifier's 11th class, "not a digit", they get no probability for any
+    digit, so an RL fine-tune cannot gain reward by drawing blanks or noise.
     """
     n = images.shape[0]
     flat = torch.rand(n, 1, 1, 1, generator=generator) * 0.5 * torch.ones_like(images)
@@ -158,7 +158,8 @@ def train_classifier(dc, images, labels, args) -> tuple[torch.nn.Module, float]:
             outliers = augment(non_digits(x_train[batch[: len(batch) // 4]], generator), generator)
             logits = model(dc.preprocess(torch.cat([digits, outliers]).repeat(1, 3, 1, 1)))
             digit_loss = F.cross_entropy(logits[: len(batch)], y_train[batch])
-            outlier_loss = -logits[len(batch) :].log_softmax(dim=1).mean()  # cross-entropy to uniform
+            not_a_digit = torch.full((len(outliers),), dc.NOT_A_DIGIT, dtype=torch.long)
+            outlier_loss = F.cross_entropy(logits[len(batch) :], not_a_digit)
             loss = digit_loss + 0.5 * outlier_loss
             optimizer.zero_grad()
             loss.backward()
@@ -262,8 +263,8 @@ def sample_images(unet, scheduler_config, num_samples: int, seed: int, steps: in
 
 def quality_gate(unet, scheduler_config, classifier, dc, num_samples: int, seed: int) -> bool:
     probs = dc.digit_probabilities(classifier, sample_images(unet, scheduler_config, num_samples, seed))
-    max_prob, predicted = probs.max(dim=1)
-    counts = torch.bincount(predicted, minlength=10)
+    max_prob, predicted = probs[:, : dc.NUM_DIGITS].max(dim=1)  # how surely each sample reads as some digit
+    counts = torch.bincount(predicted, minlength=dc.NUM_DIGITS)
     fractions = counts.float() / num_samples
     mean_max = max_prob.mean().item()
     low, high = CLASS_FRACTION_RANGE

@@ -13,15 +13,22 @@ from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFuncti
 from ddpo.plugins.models.ddpm import PixelDDPM
 
 
-def make_run(model, algorithm, tmp_path, **train):
+def make_run(tiny_ddpm, algorithm, tmp_path, **train):
+    """A Run around the tiny DDPM (trained in full) and one batch of 8 trajectories sampled from it."""
+    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
     sets = [f"train.{key}={value}" for key, value in train.items()]
     config = resolve_config(None, ["sample.num_steps=6", "sample.batch_size=8", "sample.batches_per_epoch=1", *sets],
                             {"model": {"name": "ddpm"}})
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
-    return Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=algorithm,
-               prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
+    run = Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=algorithm,
+              prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
+    trajectory, _ = sample_batch(model, [""] * 8, [{}] * 8, num_steps=6, eta=1.0, guidance_scale=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    return run, trajectory
 
 
 def log_probs_of(model, trajectory, config):
@@ -37,12 +44,8 @@ def log_probs_of(model, trajectory, config):
 
 @pytest.mark.parametrize("algorithm_cls", [DDPOImportanceSampling, DDPOScoreFunction])
 def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, tiny_ddpm, tmp_path):
-    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
-    model.load(torch.device("cpu"), torch.float32)
-    model.configure_training()
-    run = make_run(model, algorithm_cls(), tmp_path, learning_rate=1e-5, batch_size=4, grad_accum=2)
-    trajectory, _ = sample_batch(model, [""] * 8, [{}] * 8, num_steps=6, eta=1.0, guidance_scale=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    run, trajectory = make_run(tiny_ddpm, algorithm_cls(), tmp_path, learning_rate=1e-5, batch_size=4, grad_accum=2)
+    model = run.model
     trajectory.advantages = torch.tensor([1.0, -1.0] * 4)
     policy = trajectory.policy_steps
     before = log_probs_of(model, trajectory, run.config)
@@ -59,12 +62,8 @@ def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, t
 
 def test_ppo_loss_is_clipped_outside_the_trust_region(tiny_ddpm, tmp_path):
     # With a large learning rate the second minibatch sees ratios far outside 1 +- 1e-4: clipfrac > 0.
-    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
-    model.load(torch.device("cpu"), torch.float32)
-    model.configure_training()
-    run = make_run(model, DDPOImportanceSampling(), tmp_path, learning_rate=1e-3, batch_size=4, grad_accum=1)
-    trajectory, _ = sample_batch(model, [""] * 8, [{}] * 8, num_steps=6, eta=1.0, guidance_scale=1.0,
-                                 generator=torch.Generator().manual_seed(0))
+    run, trajectory = make_run(tiny_ddpm, DDPOImportanceSampling(), tmp_path, learning_rate=1e-3, batch_size=4,
+                               grad_accum=1)
     trajectory.advantages = torch.linspace(-1, 1, 8)
     metrics = run.algorithm.update(run, trajectory)
     assert metrics["train/optimizer_steps"] == 2

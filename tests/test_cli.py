@@ -57,7 +57,7 @@ def test_config_prints_the_resolved_yaml_with_plugin_defaults():
 def test_help_lists_the_commands():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("run", "list", "config", "sample"):
+    for command in ("run", "list", "config", "sample", "compare"):
         assert command in result.stdout
     run_help = run_cli("run", "--help")
     for flag in ("--algo", "--reward", "--model", "--config", "--set", "--epochs", "--seed", "--logdir",

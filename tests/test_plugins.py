@@ -134,3 +134,32 @@ def test_importing_ddpo_and_listing_plugins_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_plugins_can_add_cli_commands(tmp_path):
+    (tmp_path / "hello_command.py").write_text(textwrap.dedent("""
+        import ddpo, typer
+
+        @ddpo.hookimpl
+        def register_commands(app):
+            @app.command()
+            def hello(name: str = typer.Option("world", "--name")):
+                \"\"\"Say hello.\"\"\"
+                typer.echo(f"hello {name}")
+    """))
+    info = tmp_path / "hello_command-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hello-command\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ddpo]\nhello = hello_command\n")
+    result = run_cli("hello", "--name", "ddpo", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip() == "hello ddpo", result.stderr
+
+
+def test_list_shows_each_plugins_options_with_their_help_text():
+    data, _ = listing({})
+    digit = next(item for item in data["rewards"] if item["name"] == "digit")
+    assert digit["options"] == [{"name": "target", "type": "int", "default": "0", "help": "The digit to reward."}]
+    sd = next(item for item in data["models"] if item["name"] == "sd14")
+    assert {"pretrained", "use_lora", "lora_rank", "resolution"} <= {option["name"] for option in sd["options"]}
+    text = run_cli("list", "rewards").stdout
+    assert "target: int = 0  The digit to reward." in text

@@ -15,20 +15,22 @@ from ddpo.plugins.models.sd import StableDiffusion
 from ddpo.plugins.prompts import SimpleAnimals
 
 
-@pytest.fixture(scope="module")
-def sd_model(tiny_sd):
-    model = StableDiffusion({"pretrained": str(tiny_sd)})
+def loaded(model_cls, directory):
+    """A model plugin loaded on the CPU and set up for training (LoRA for SD, all weights for DDPM)."""
+    model = model_cls({"pretrained": str(directory)})
     model.load(torch.device("cpu"), torch.float32)
     model.configure_training()
     return model
+
+
+@pytest.fixture(scope="module")
+def sd_model(tiny_sd):
+    return loaded(StableDiffusion, tiny_sd)
 
 
 @pytest.fixture(scope="module")
 def ddpm_model(tiny_ddpm):
-    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
-    model.load(torch.device("cpu"), torch.float32)
-    model.configure_training()
-    return model
+    return loaded(PixelDDPM, tiny_ddpm)
 
 
 class SlowReward(ddpo.Reward):

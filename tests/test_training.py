@@ -202,3 +202,18 @@ def yaml_config(run_dir):
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_compare_tabulates_and_plots_runs_on_the_reward_query_axis(is_run, tmp_path):
+    from PIL import Image
+
+    chart = tmp_path / "chart.png"
+    result = run_cli("compare", str(is_run.parent), "--tag", "reward/mean", "--out", str(chart))
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("is "))
+    last = read_metrics(is_run)[-1]
+    assert "ddpo-is / compressibility / sd14" in row and f"{last['reward_queries']}" in row
+    assert f"{last['reward/mean']:.4g}" in row
+    assert Image.open(chart).size == (900, 560)
+    missing = run_cli("compare", str(is_run.parent), "--tag", "reward/meen")
+    assert missing.returncode == 2 and "tags there:" in missing.stderr and "reward/mean" in missing.stderr

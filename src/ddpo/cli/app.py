@@ -80,6 +80,8 @@ def build_app() -> typer.Typer:
             typer.echo(f"{name}:")
             for item in items:
                 typer.echo(f"  {item['name']:<20} {item['package']} {item['version']:<8} {item['description']}")
+                for option in item["options"]:
+                    typer.echo(f"      {option['name']}: {option['type']} = {option['default']}  {option['help']}")
         for name, error in registry.failures.items():
             typer.echo(f"failed to load plugin '{name}': {error}", err=True)
 
@@ -115,6 +117,21 @@ def build_app() -> typer.Typer:
 
         path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)
         typer.echo(f"wrote {path}")
+
+    @app.command()
+    def compare(logdir: Annotated[Path, typer.Argument(help="A log directory (or one run directory).")],
+                tag: Annotated[str, typer.Option("--tag", help="Scalar tag to compare.")] = "reward/mean",
+                out: Annotated[Path | None, typer.Option("--out", help="PNG file for a chart of the tag "
+                                                         "against reward queries.")] = None):
+        """Compare the runs under LOGDIR: a table of the tag per run, and optionally a chart."""
+        from ddpo.core.compare import load_curves, plot, table
+
+        if out is not None and out.suffix.lower() != ".png":
+            raise UsageError(f"--out must be a .png file, got '{out}'")
+        curves = load_curves(logdir, tag)
+        typer.echo(table(curves, tag))
+        if out is not None:
+            typer.echo(f"wrote {plot(curves, tag, out)}")
 
     get_plugin_manager().hook.register_commands(app=app)
     return app

@@ -35,13 +35,24 @@ class PluginInfo:
     package: str
     version: str
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict:
         return {
             "name": self.name,
             "package": self.package,
             "version": self.version,
             "description": self.cls.description(),
+            "options": self.options(),
         }
+
+    def options(self) -> list[dict[str, str]]:
+        """The plugin's options: name, type, default and help text (the field's docstring)."""
+        fields = self.cls.Options.model_fields
+        return [{"name": name, "type": _type_name(field.annotation), "default": repr(field.default),
+                 "help": field.description or ""} for name, field in fields.items()]
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 @dataclass

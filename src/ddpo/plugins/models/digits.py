@@ -21,11 +21,15 @@ class Digits(PixelDDPM):
     """A 16x16 DDPM of handwritten digits shipped with ddpo: the offline, CPU, minutes-long default."""
 
     name = "digits"
+    # Tuned so that `ddpo run` lifts the target probability from about 0.1 past 0.7 in 2-3 minutes on two CPU
+    # cores: 64 samples and 2 optimizer steps per epoch, every step trained, a learning rate that moves the small
+    # network within a few epochs (at 5e-4 some seeds had not reached 0.7 after 30 epochs; training only half
+    # the steps let a run collapse onto non-digits, which the classifier scores 0.1 for every digit).
     run_defaults = {
         **PixelDDPM.run_defaults,
-        "epochs": 40,
+        "epochs": 30,
         "sample": {"batch_size": 32, "batches_per_epoch": 2, "num_steps": 20, "eta": 1.0, "guidance_scale": 1.0},
-        "train": {"batch_size": 32, "grad_accum": 1, "learning_rate": 1e-4, "timestep_fraction": 0.5},
+        "train": {"batch_size": 32, "grad_accum": 1, "learning_rate": 1e-3, "timestep_fraction": 1.0},
     }
 
     class Options(PixelDDPM.Options):

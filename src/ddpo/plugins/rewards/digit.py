@@ -1,6 +1,7 @@
 """Rewards from the digit classifier shipped with ddpo (trained by scripts/train_digits.py on a training split
-of scikit-learn's digits): `digit`, the probability of a target digit, and `legibility`, the highest class
-probability (how surely the image reads as some digit)."""
+of scikit-learn's digits): `digit`, the probability of a target digit, and `legibility`, the highest digit
+probability (how surely the image reads as some digit). The classifier has an 11th class, "not a digit", for
+blanks, blobs and noise, so such images score near 0 on both."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ class _ClassifierReward(ddpo.Reward):
         self.device = device
         self.classifier = load_digit_classifier(device)
 
-    def probabilities(self, images):
-        """(B, 10) class probabilities of images (B, 3, H, W) in [0, 1]."""
-        from ddpo.plugins.rewards.digit_classifier import digit_probabilities
+    def digit_probabilities(self, images):
+        """(B, 10) probabilities of the digits 0-9 for images (B, 3, H, W) in [0, 1]."""
+        from ddpo.plugins.rewards.digit_classifier import NUM_DIGITS, digit_probabilities
 
-        return digit_probabilities(self.classifier, images.to(self.device))
+        return digit_probabilities(self.classifier, images.to(self.device))[:, :NUM_DIGITS]
 
 
 class Digit(_ClassifierReward):
@@ -33,16 +34,16 @@ class Digit(_ClassifierReward):
         """The digit to reward."""
 
     def __call__(self, images, prompts, metadata):
-        return self.probabilities(images)[:, self.options.target]
+        return self.digit_probabilities(images)[:, self.options.target]
 
 
 class Legibility(_ClassifierReward):
-    """Highest class probability of the shipped digit classifier: rewards images that read as a clear digit."""
+    """Highest digit probability of the shipped digit classifier: rewards images that read as a clear digit."""
 
     name = "legibility"
 
     def __call__(self, images, prompts, metadata):
-        return self.probabilities(images).max(dim=1).values
+        return self.digit_probabilities(images).max(dim=1).values
 
 
 @ddpo.hookimpl

@@ -16,12 +16,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 IMAGE_SIZE = 16
-NUM_CLASSES = 10
+NUM_DIGITS = 10
+NOT_A_DIGIT = 10
+"""Index of the 11th class: blank fields, blobs, noise. Such images get no probability for any digit, so an
+RL fine-tune cannot raise a digit's reward by drawing nothing recognisable."""
 WEIGHTS_PATH = Path(__file__).resolve().parents[2] / "assets" / "digit_classifier.safetensors"
 
 
 def build_digit_classifier() -> nn.Module:
-    """Return the untrained network; input (B, 1, 16, 16) from :func:`preprocess`, output logits (B, 10).
+    """Return the untrained network; input (B, 1, 16, 16) from :func:`preprocess`, output logits (B, 11):
+    the ten digits, then "not a digit".
 
     Two conv stages (16->8->4) are enough for these digits while keeping a reward call
     far cheaper than the diffusion model it judges.
@@ -42,7 +46,7 @@ def build_digit_classifier() -> nn.Module:
         nn.Linear(64 * 4 * 4, 128),
         nn.ReLU(),
         nn.Dropout(0.3),
-        nn.Linear(128, NUM_CLASSES),
+        nn.Linear(128, NUM_DIGITS + 1),
     )
 
 
@@ -71,7 +75,7 @@ def load_digit_classifier(device: str | torch.device = "cpu", weights_path: str 
 
 @torch.no_grad()
 def digit_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Return softmax class probabilities (B, 10) for images (B, 3, H, W) in [0, 1]."""
+    """Return softmax probabilities (B, 11) for images (B, 3, H, W) in [0, 1]: digits 0-9, then "not a digit"."""
     device = next(classifier.parameters()).device
     logits = classifier(preprocess(images.to(device)))
     return logits.softmax(dim=-1)

@@ -1,0 +1,90 @@
+"""The embedded default: the shipped digits model and classifier, and RL fine-tuning on them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from ddpo.core.config import resolve_config
+from ddpo.core.rollout import sample_batch
+from ddpo.plugins.models.digits import Digits, shipped_digits_path
+from ddpo.plugins.rewards.digit_classifier import NOT_A_DIGIT, digit_probabilities, load_digit_classifier
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digit_classifier("cpu")
+
+
+def test_classifier_held_out_accuracy_is_at_least_97_percent(classifier):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()  # the same stratified 80/20 split, seed 0, as scripts/train_digits.py
+    _, held_out = train_test_split(np.arange(len(digits.target)), test_size=0.2, stratify=digits.target,
+                                   random_state=0)
+    images = torch.tensor(digits.images[held_out], dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    predictions = digit_probabilities(classifier, images).argmax(dim=1)
+    accuracy = (predictions == torch.tensor(digits.target[held_out])).float().mean().item()
+    assert accuracy >= 0.97, accuracy
+
+
+def test_shipped_model_draws_every_digit_legibly(classifier):
+    model = Digits()
+    model.load(torch.device("cpu"), torch.float32)
+    config = resolve_config()  # the sampler of the embedded default
+    images = []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        _, batch = sample_batch(model, [""] * 64, [{}] * 64, num_steps=config.sample.num_steps,
+                                eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+                                generator=generator)
+        images.append(batch)
+    probabilities = digit_probabilities(classifier, torch.cat(images))[:, :10]
+    counts = torch.bincount(probabilities.argmax(dim=1), minlength=10)
+    assert (counts > 0).all(), counts.tolist()
+    assert probabilities.max(dim=1).values.mean() >= 0.6
+    assert counts[0] / 256 < 0.25  # the default target starts far from solved
+
+
+def test_blank_and_noise_images_do_not_score_as_a_digit(classifier):
+    blank = torch.zeros(4, 3, 16, 16)
+    grey = torch.full((4, 3, 16, 16), 0.4)
+    noise = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    probabilities = digit_probabilities(classifier, torch.cat([blank, grey, noise]))
+    assert probabilities[:, :10].max() < 0.2 and (probabilities[:, NOT_A_DIGIT] > 0.8).all(), probabilities
+
+
+def test_short_default_run_raises_the_target_probability(tmp_path):
+    """A few epochs of the embedded default (ddpo-is, digit reward with target 0, digits model)."""
+    result = run_cli("run", "--epochs", "8", "--seed", "0", "--logdir", str(tmp_path), "--run-name", "demo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [record["reward/mean"] for record in records]
+    assert rewards[-1] > rewards[0] + 0.25 and rewards[-1] > 0.3, rewards
+    assert "tensorboard --logdir" in result.stderr and "final samples:" in result.stderr
+
+    checkpoint = tmp_path / "demo" / "checkpoints" / "epoch_0008"
+    grid = tmp_path / "grid.png"
+    sampled = run_cli("sample", "--model", "digits", "--checkpoint", str(checkpoint), "--num", "64",
+                      "--out", str(grid))
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert grid.is_file()
+
+
+def test_ddpm_plugin_learns_compressibility_from_a_local_directory(tmp_path):
+    """The `ddpm` model plugin on a local DDPMPipeline directory (the shipped digits one) with the
+    compressibility reward: simpler, thinner digits compress better."""
+    result = run_cli("run", "--model", "ddpm", "--set", f"model.pretrained={shipped_digits_path()}",
+                     "--reward", "compressibility", "--algo", "ddpo-is", "--set", "sample.num_steps=20",
+                     "--set", "sample.batch_size=32", "--set", "sample.batches_per_epoch=2",
+                     "--set", "train.batch_size=32", "--set", "train.grad_accum=1",
+                     "--set", "train.learning_rate=1e-3", "--epochs", "6", "--logdir", str(tmp_path),
+                     "--run-name", "ddpm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "ddpm" / "metrics.jsonl").read_text().splitlines()]
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.01, rewards
