@@ -76,15 +76,20 @@ def test_short_default_run_raises_the_target_probability(tmp_path):
     assert grid.is_file()
 
 
-def test_ddpm_plugin_learns_compressibility_from_a_local_directory(tmp_path):
-    """The `ddpm` model plugin on a local DDPMPipeline directory (the shipped digits one) with the
-    compressibility reward: simpler, thinner digits compress better."""
-    result = run_cli("run", "--model", "ddpm", "--set", f"model.pretrained={shipped_digits_path()}",
-                     "--reward", "compressibility", "--algo", "ddpo-is", "--set", "sample.num_steps=20",
+def test_ddpm_plugin_learns_from_a_local_directory(tmp_path):
+    """The `ddpm` model plugin (not `digits`) on a local DDPMPipeline directory, a copy of the shipped digits
+    one. Offline there is no DDPM on which the JPEG rewards move within a test's budget (the 16x16 digits' JPEG
+    size varies by 0.01 kB, less than what any update's added pixel noise costs), so the digit reward is used."""
+    import shutil
+
+    pipeline = shutil.copytree(shipped_digits_path(), tmp_path / "my-ddpm")
+    result = run_cli("run", "--model", "ddpm", "--set", f"model.pretrained={pipeline}", "--algo", "ddpo-is",
+                     "--reward", "digit", "--set", "sample.num_steps=20",
                      "--set", "sample.batch_size=32", "--set", "sample.batches_per_epoch=2",
                      "--set", "train.batch_size=32", "--set", "train.grad_accum=1",
-                     "--set", "train.learning_rate=1e-3", "--epochs", "6", "--logdir", str(tmp_path),
+                     "--set", "train.learning_rate=1e-3", "--epochs", "8", "--logdir", str(tmp_path),
                      "--run-name", "ddpm")
     assert result.returncode == 0, result.stderr[-3000:]
-    rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "ddpm" / "metrics.jsonl").read_text().splitlines()]
-    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.01, rewards
+    lines = (tmp_path / "ddpm" / "metrics.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward/mean"] for line in lines]
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.2, rewards
