@@ -104,3 +104,14 @@ def test_policy_ratio_is_exactly_one_before_the_first_update(sd_model, train_bat
         for transitions in trajectory.training_transitions(train_batch, torch.Generator().manual_seed(0)):
             log_prob, *_ = sd_model.step_log_prob(transitions, eta=1.0, guidance_scale=5.0)
             assert torch.equal(torch.exp(log_prob - transitions.log_probs), torch.ones(train_batch))
+
+
+def test_ddpm_ancestral_sampler_records_log_probs_and_skips_the_noiseless_last_step(tiny_ddpm):
+    model = PixelDDPM({"pretrained": str(tiny_ddpm), "scheduler": "ddpm"})
+    model.load(torch.device("cpu"), torch.float32)
+    trajectory, images = sample_batch(model, [""] * 2, [{}] * 2, num_steps=8, eta=0.0, guidance_scale=1.0,
+                                      generator=torch.Generator().manual_seed(0))
+    assert type(model.scheduler).__name__ == "DDPMScheduler"
+    assert trajectory.policy_steps[:, :-1].all() and not trajectory.policy_steps[:, -1].any()
+    assert torch.isfinite(trajectory.log_probs).all() and (trajectory.log_probs[:, :-1] != 0).all()
+    assert images.shape == (2, 3, 16, 16)
