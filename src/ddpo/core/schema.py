@@ -169,7 +169,7 @@ class Trajectory:
         step position. Yields (B / batch_size) x n transitions of `batch_size` samples."""
         shuffled = self[torch.randperm(self.batch_size, generator=generator)]
         steps = shuffled.shuffled_steps(generator, fraction)
-        for minibatch, minibatch_steps in zip(shuffled.minibatches(batch_size), steps.split(batch_size)):
+        for minibatch, minibatch_steps in zip(shuffled.minibatches(batch_size), steps.split(batch_size), strict=True):
             for position in range(minibatch_steps.shape[1]):
                 yield minibatch.transitions(minibatch_steps[:, position])
 
