@@ -15,14 +15,19 @@ from ddpo.core.plugins import get_registry
 from ddpo.core.rollout import sample_batch
 
 
+def ensure_device_available(device: str) -> None:
+    """A usage error if `device` (a config value) names hardware this machine does not have."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but no CUDA GPU is visible; valid here: auto, cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' was asked for but MPS is not available; valid here: auto, cpu")
+
+
 def pick_device(config: RunConfig) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UsageError("device 'cuda' was asked for but no CUDA GPU is visible; valid here: auto, cpu")
-        return torch.device("cuda")
-    if config.device == "mps":
-        return torch.device("mps")
-    return torch.device("cpu")
+    ensure_device_available(config.device)
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
 
 
 def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, prompts: list[str] = (),

@@ -33,6 +33,7 @@ from ddpo.core.model import Model
 from ddpo.core.optim import GradientAccumulator
 from ddpo.core.plugins import get_plugin_manager, get_registry
 from ddpo.core.rollout import RolloutEngine, score
+from ddpo.core.sampling import ensure_device_available
 
 CONFIG_FILE = "config.yaml"
 GRID_IMAGES = 64
@@ -107,10 +108,7 @@ class Run:
 
 
 def _accelerator(config: RunConfig) -> Accelerator:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was asked for but no CUDA GPU is visible; valid here: auto, cpu")
-    if config.device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device 'mps' was asked for but MPS is not available; valid here: auto, cpu")
+    ensure_device_available(config.device)
     return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
 
 

@@ -21,10 +21,10 @@ class Digits(PixelDDPM):
     """A 16x16 DDPM of handwritten digits shipped with ddpo: the offline, CPU, minutes-long default."""
 
     name = "digits"
-    # Tuned so that `ddpo run` lifts the target probability from about 0.1 past 0.7 in 2-3 minutes on two CPU
+    # Tuned so that `ddpo run` lifts the target probability from about 0.1 past 0.7 in about a minute on two CPU
     # cores: 64 samples and 2 optimizer steps per epoch, every step trained, a learning rate that moves the small
-    # network within a few epochs (at 5e-4 some seeds had not reached 0.7 after 30 epochs; training only half
-    # the steps let a run collapse onto non-digits, which the classifier scores 0.1 for every digit).
+    # network within a few epochs (at 5e-4 some seeds had not reached 0.7 after 30 epochs; one optimizer step per
+    # epoch, or training only half the steps, let runs collapse).
     run_defaults = {
         **PixelDDPM.run_defaults,
         "epochs": 30,

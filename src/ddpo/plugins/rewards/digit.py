@@ -14,14 +14,13 @@ class _ClassifierReward(ddpo.Reward):
     def load(self, device):
         from ddpo.plugins.rewards.digit_classifier import load_digit_classifier
 
-        self.device = device
         self.classifier = load_digit_classifier(device)
 
     def digit_probabilities(self, images):
         """(B, 10) probabilities of the digits 0-9 for images (B, 3, H, W) in [0, 1]."""
         from ddpo.plugins.rewards.digit_classifier import NUM_DIGITS, digit_probabilities
 
-        return digit_probabilities(self.classifier, images.to(self.device))[:, :NUM_DIGITS]
+        return digit_probabilities(self.classifier, images)[:, :NUM_DIGITS]
 
 
 class Digit(_ClassifierReward):
