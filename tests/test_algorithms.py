@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
 from ddpo.core.config import resolve_config
 from ddpo.core.rollout import sample_batch
-from ddpo.core.trainer import Run
+from ddpo.core.run import Run
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
 from ddpo.plugins.models.ddpm import PixelDDPM
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from ddpo.core.schema import Trajectory
-    from ddpo.core.trainer import Run
+    from ddpo.core.run import Run
 
 
 class Options(pydantic.BaseModel):
@@ -72,13 +72,16 @@ class Algorithm(Plugin):
 
     The trainer calls, per epoch: `compute_advantages` (unless a plugin's `compute_advantages` hook answers
     first), then `update`, which returns the scalars to log. `setup` runs once after the model and its
-    optimizer are prepared. State beyond the policy and its optimizer (a critic, say) goes through
-    `state_dict`/`load_state_dict` so that `--resume` restores it.
+    optimizer are prepared. Modules it trains (a critic, say) are registered with `run.register_module`, which
+    checkpoints them; other state goes through `state_dict`/`load_state_dict` so that `--resume` restores it.
     """
 
     kind = "algorithm"
     needs_log_probs: ClassVar[bool] = True
     """Whether the algorithm uses per-step log-probabilities (then sampling with eta=0 is refused)."""
+    needs_reference: ClassVar[bool] = False
+    """Whether the algorithm uses the pretrained model (`run.model.reference()`); the trainer then prepares it
+    before training (a frozen copy of the denoiser when all its weights are trained)."""
     run_defaults: ClassVar[dict[str, Any]] = {}
     """Run-config values this algorithm recommends, applied over the model's and under the user's."""
 
@@ -87,11 +90,18 @@ class Algorithm(Plugin):
         return 1
 
     def setup(self, run: Run) -> None:
-        """Create extra modules or optimizers; called once on every rank before the first epoch."""
+        """Create extra trained modules (`run.register_module`); called once on every rank before the first
+        epoch, before a resumed run's checkpoint is loaded."""
 
     def compute_advantages(self, run: Run, trajectory: Trajectory) -> torch.Tensor:
-        """Advantages (B,) or (B, T) for this rank's trajectories; the default is DDPO's per-prompt normalisation."""
+        """Advantages (B,) or (B, T) for this rank's trajectories; the default is DDPO's per-prompt normalisation.
+        Whatever computes them, the trainer clips them to +-advantage.clip_max."""
         return run.default_advantages(trajectory)
+
+    def offline_trajectories(self, run: Run) -> tuple[Trajectory, torch.Tensor] | None:
+        """This epoch's trajectories to train on instead of sampling new ones, with `rewards` set, and their
+        images (B, 3, H, W) in [0, 1] (e.g. D3PO's human-labelled pairs); None (the default): sample."""
+        return None
 
     def update(self, run: Run, trajectory: Trajectory) -> dict[str, float]:
         raise NotImplementedError(f"algorithm '{self.name}' does not implement update")

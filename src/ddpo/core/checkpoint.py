@@ -4,7 +4,9 @@
       weights.safetensors       the policy's trainable weights (LoRA adapters, or the whole denoiser)
       lora/...                  with LoRA on Stable Diffusion, diffusers' format (load_lora_weights)
       optimizer.pt              the policy optimizer's state
-      algorithm.pt              the algorithm's own state (critic, its optimizer, ...)
+      algorithm.pt              the algorithm's own state (beyond its trained modules)
+      modules/NAME.safetensors  each module the algorithm registered (a value baseline, a critic), and
+      modules/NAME.optimizer.pt its optimizer's state
       trainer.json              epoch, reward_queries, the per-prompt reward buffers
 
 A checkpoint is written into a temporary directory and renamed when complete, so a crash never leaves a
@@ -22,13 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ddpo.core.errors import UsageError
+from ddpo.core.optim import POLICY
 
 if TYPE_CHECKING:
-    from ddpo.core.trainer import Run
+    from ddpo.core.run import Run
 
 CHECKPOINTS = "checkpoints"
+MODULES = "modules"
 _NAME = re.compile(r"^epoch_(\d{4,})$")
 
 
@@ -51,6 +56,8 @@ def save_checkpoint(run: Run) -> Path:
     final = checkpoint_path(run.run_dir, run.epoch)
     optimizer_state = run.optimizer.state_dict()
     algorithm_state = run.algorithm.state_dict()
+    extra_modules = {name: (_module_state(run, trained.module), trained.optimizer.state_dict())
+                     for name, trained in run.modules.items() if name != POLICY}
     if accelerator.is_main_process:
         staging = final.with_name(final.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
@@ -58,6 +65,11 @@ def save_checkpoint(run: Run) -> Path:
         run.model.save_weights(staging)
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(algorithm_state, staging / "algorithm.pt")
+        if extra_modules:
+            (staging / MODULES).mkdir()
+        for name, (weights, optimizer) in extra_modules.items():
+            save_file(weights, str(staging / MODULES / f"{name}.safetensors"))
+            torch.save(optimizer, staging / MODULES / f"{name}.optimizer.pt")
         trainer_state = {"epoch": run.epoch, "reward_queries": run.reward_queries,
                          "stat_tracker": run.stat_tracker.state_dict() if run.stat_tracker else None}
         (staging / "trainer.json").write_text(json.dumps(trainer_state))
@@ -66,6 +78,12 @@ def save_checkpoint(run: Run) -> Path:
         _prune(run.run_dir, run.config.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final
+
+
+def _module_state(run: Run, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict, unwrapped, detached, contiguous, on the CPU (for safetensors)."""
+    state = run.accelerator.unwrap_model(module).state_dict()
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -81,6 +99,15 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.model.load_weights(path)
     run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     run.algorithm.load_state_dict(torch.load(path / "algorithm.pt", map_location="cpu", weights_only=True))
+    for name, trained in run.modules.items():
+        if name == POLICY:
+            continue
+        weights = path / MODULES / f"{name}.safetensors"
+        if not weights.is_file():
+            raise UsageError(f"checkpoint {path} has no weights for the algorithm's module '{name}' ({weights})")
+        run.accelerator.unwrap_model(trained.module).load_state_dict(load_file(str(weights)))
+        trained.optimizer.load_state_dict(torch.load(path / MODULES / f"{name}.optimizer.pt", map_location="cpu",
+                                                     weights_only=True))
     state = json.loads((path / "trainer.json").read_text())
     run.epoch, run.reward_queries = state["epoch"], state["reward_queries"]
     if run.stat_tracker is not None and state["stat_tracker"] is not None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ddpo.core.base import Algorithm, PromptSet, Reward
     from ddpo.core.model import Model
     from ddpo.core.schema import Trajectory
-    from ddpo.core.trainer import Run
+    from ddpo.core.run import Run
 
 hookspec = pluggy.HookspecMarker("ddpo")
 hookimpl = pluggy.HookimplMarker("ddpo")
@@ -99,7 +99,8 @@ def on_rewards(run: Run, trajectory: Trajectory) -> None:
 @hookspec(firstresult=True)
 def compute_advantages(run: Run, trajectory: Trajectory) -> torch.Tensor | None:
     """Return advantages for this rank's trajectories, (B,) or (B, T), to replace the algorithm's own.
-    Called on every rank; the first non-None result wins (return None to pass).
+    Called on every rank; the first non-None result wins (return None to pass). The trainer clips the result
+    to +-advantage.clip_max, as it does the algorithm's.
 
     :param run: the run; `run.gathered_rewards` and `run.gathered_prompts` hold the whole epoch over all ranks.
     :param trajectory: this rank's trajectories of the epoch, `rewards` filled.

@@ -75,6 +75,7 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    prev_timestep: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A DDIM step with eta, as `DDIMScheduler.step`, plus the log-probability of the step's outcome.
 
@@ -86,16 +87,17 @@ def ddim_step_with_logprob(
         eta: the DDIM noise weight; 1.0 is as stochastic as DDPM.
         prev_sample: (B, C, H, W) x_{t-1} to score; drawn from the step's Gaussian when None.
         generator: the random generator for drawing x_{t-1}.
+        prev_timestep: the timestep the step lands on, an int or (B,) tensor (-1: past the end), as recorded
+            when sampling; None: from the scheduler's current schedule (`ddim_previous_timestep`).
 
     Returns:
         `(prev_sample, log_prob, mean, std)`: x_{t-1} (B, C, H, W) in `sample`'s dtype; log_prob (B,) float32;
         mean (B, C, H, W) float32 (carries the gradient); std (B|1, 1, 1, 1) float32.
     """
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
     sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
     timesteps = _as_batch(timestep)
-    previous = timesteps - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    previous = (ddim_previous_timestep(scheduler, timesteps) if prev_timestep is None
+                else _as_batch(prev_timestep))
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     alpha_t = _per_sample(alphas[timesteps], sample32)
     alpha_prev_values = torch.where(previous >= 0, alphas[previous.clamp(min=0)],
@@ -110,8 +112,17 @@ def ddim_step_with_logprob(
     return _finish_step(mean, std, prev_sample, generator, sample.dtype)
 
 
-def _ddpm_previous_timestep(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """The previous timestep of each entry, as `DDPMScheduler.previous_timestep` (-1 after the last)."""
+def ddim_previous_timestep(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """(B,) the timestep a DDIM step from each of `timesteps` lands on under the scheduler's current schedule,
+    as `DDIMScheduler.step` computes it (negative past the end)."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    return _as_batch(timesteps) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def ddpm_previous_timestep(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """(B,) the previous timestep of each entry, as `DDPMScheduler.previous_timestep` (-1 after the last)."""
+    timesteps = _as_batch(timesteps)
     if not (scheduler.custom_timesteps or scheduler.num_inference_steps):
         return timesteps - 1
     schedule = scheduler.timesteps.to("cpu", torch.long)
@@ -127,11 +138,13 @@ def ddpm_step_with_logprob(
     sample: torch.Tensor,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    prev_timestep: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An ancestral DDPM step, as `DDPMScheduler.step`, plus the log-probability of the step's outcome.
 
     Arguments and returns as `ddim_step_with_logprob` (no eta: the variance is the scheduler's
     `variance_type`, fixed_small or fixed_large). The step to t=0 adds no noise (std 0, log_prob NaN).
+    `prev_timestep` as recorded when sampling; None: from the scheduler's schedule (`ddpm_previous_timestep`).
     """
     variance_type = scheduler.config.variance_type
     if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
@@ -139,7 +152,8 @@ def ddpm_step_with_logprob(
                          "valid: fixed_small, fixed_small_log, fixed_large")
     sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
     timesteps = _as_batch(timestep)
-    previous = _ddpm_previous_timestep(scheduler, timesteps)
+    previous = (ddpm_previous_timestep(scheduler, timesteps) if prev_timestep is None
+                else _as_batch(prev_timestep))
     alphas = scheduler.alphas_cumprod.to(torch.float32)
     alpha_t = _per_sample(alphas[timesteps], sample32)
     alpha_prev = _per_sample(torch.where(previous >= 0, alphas[previous.clamp(min=0)], torch.tensor(1.0)),

@@ -107,8 +107,20 @@ class Model(Plugin):
         noise = torch.randn((batch_size, *self.sample_shape()), generator=generator, dtype=torch.float32)
         return noise.to(self.device) * self.scheduler.init_noise_sigma
 
+    def previous_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(T,) the timestep each of `timesteps` steps to under the current schedule (-1 past the end). The
+        rollout records it, so that recomputing a log-prob never reads the scheduler's mutable state."""
+        from diffusers import DDIMScheduler
+
+        from ddpo.core.logprob import ddim_previous_timestep, ddpm_previous_timestep
+
+        previous = (ddim_previous_timestep if isinstance(self.scheduler, DDIMScheduler)
+                    else ddpm_previous_timestep)(self.scheduler, timesteps)
+        return previous.clamp(min=-1).to(timesteps.device)
+
     def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float,
-             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None):
+             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             prev_timesteps: torch.Tensor | None = None):
         """One sampler step with its log-probability: `(prev_sample, log_prob, mean, std)` (see core.logprob)."""
         from diffusers import DDIMScheduler
 
@@ -116,20 +128,91 @@ class Model(Plugin):
 
         if isinstance(self.scheduler, DDIMScheduler):
             return ddim_step_with_logprob(self.scheduler, model_output, timesteps, sample, eta=eta,
-                                          prev_sample=prev_sample, generator=generator)
-        return ddpm_step_with_logprob(self.scheduler, model_output, timesteps, sample,
-                                      prev_sample=prev_sample, generator=generator)
+                                          prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
+        return ddpm_step_with_logprob(self.scheduler, model_output, timesteps, sample, prev_sample=prev_sample,
+                                      generator=generator, prev_timestep=prev_timesteps)
 
     def step_log_prob(self, transitions: Transitions, eta: float, guidance_scale: float):
-        """Log-probability (B,) of each transition's action under the current weights, with gradient.
+        """Log-probability (B,) of each transition's action under the current weights, with gradient; inside
+        `reference()`, under the pretrained model. Uses only what the trajectory recorded for the step.
 
-        Returns `(log_prob, mean, std, model_output)`.
+        Returns `(log_prob, mean, std, model_output)`: (B,), (B, C, H, W), (B|1, 1, 1, 1), (B, C, H, W).
         """
+        if transitions.prev_timesteps is None:
+            raise ValueError("the transitions carry no prev_timesteps; sample trajectories with "
+                             "ddpo.core.rollout.sample_batch, which records them")
         output = self.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
                                     guidance_scale)
         _, log_prob, mean, std = self.step(output, transitions.timesteps, transitions.sample, eta,
-                                           prev_sample=transitions.next_sample)
+                                           prev_sample=transitions.next_sample,
+                                           prev_timesteps=transitions.prev_timesteps)
         return log_prob, mean, std, output
+
+    def denoising_loss(self, original: torch.Tensor, prompt_embeds: torch.Tensor | None,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The model's own training loss on clean states x_0 (B, C, H, W): fresh noise and a uniform timestep
+        per sample, the target by the scheduler's `prediction_type` (epsilon: the noise; v_prediction: the
+        velocity; sample: x_0), no guidance. Returns (B,) float32, the per-sample mean squared error."""
+        import torch
+
+        config = self.scheduler.config
+        batch_size = original.shape[0]
+        noise = torch.randn(original.shape, generator=generator, dtype=torch.float32).to(original.device)
+        timesteps = torch.randint(0, config.num_train_timesteps, (batch_size,), generator=generator)
+        timesteps = timesteps.to(original.device)
+        original = original.to(torch.float32)
+        noisy = self.scheduler.add_noise(original, noise, timesteps)
+        if config.prediction_type == "epsilon":
+            target = noise
+        elif config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(original, noise, timesteps)
+        elif config.prediction_type == "sample":
+            target = original
+        else:
+            raise ValueError(f"prediction_type '{config.prediction_type}' is not supported; "
+                             "valid: epsilon, v_prediction, sample")
+        output = self.predict_noise(noisy, timesteps, prompt_embeds, guidance_scale=1.0)
+        return ((output - target) ** 2).mean(dim=tuple(range(1, output.ndim)))
+
+    # -- the reference policy (the pretrained model) --------------------------------------------------
+
+    def prepare_reference(self) -> None:
+        """Make the pretrained model available to `reference()`; called once by the trainer, before training,
+        when the algorithm says `needs_reference`. With LoRA this costs nothing (the adapters are switched off);
+        with all weights trained it keeps a frozen copy of the denoiser (its size again in memory)."""
+        import copy
+
+        if self.options.use_lora:
+            return
+        self.reference_denoiser = copy.deepcopy(self.unwrapped_denoiser()).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside, the model's outputs (`predict_noise`, `step_log_prob`) are the pretrained model's: with LoRA
+        the adapters are disabled (peft's switch, through any accelerate wrapper), with all weights trained
+        the frozen copy of `prepare_reference` answers. Guidance is applied as for the policy. Afterwards the
+        policy is back, trainable. Wrap calls in `torch.no_grad()`: the reference is not trained."""
+        if self.options.use_lora:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [module for module in self.unwrapped_denoiser().modules() if isinstance(module, BaseTunerLayer)]
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+            return
+        frozen = getattr(self, "reference_denoiser", None)
+        if frozen is None:
+            raise RuntimeError(f"model '{self.name}' has no reference copy: call prepare_reference() first "
+                               "(the trainer does when the algorithm sets needs_reference)")
+        policy, self.denoiser = self.denoiser, frozen
+        try:
+            yield
+        finally:
+            self.denoiser = policy
 
     def unwrapped_denoiser(self):
         """The denoiser without the wrappers accelerate adds (DDP, compile)."""

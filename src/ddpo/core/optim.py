@@ -1,50 +1,77 @@
-"""Gradient accumulation over a fixed number of micro-steps, then one clipped optimizer step.
+"""Trained modules and gradient accumulation over a fixed number of micro-steps, then one clipped step.
 
-Algorithms decide how many backward passes make one optimizer step (DDPO: grad_accum minibatches x trained
-timesteps; DDPO-SF: the whole epoch). Gradients are only all-reduced across processes on the last micro-step.
+The policy is one trained module; an algorithm can register more (a value baseline, a critic), each with its
+own optimizer and clipping norm. Algorithms decide how many backward passes make one optimizer step (DDPO:
+grad_accum minibatches x trained timesteps; DDPO-SF: the whole epoch). Gradients are only all-reduced across
+processes on the last micro-step.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+POLICY = "policy"
+"""The name of the trained module that is the denoiser."""
+
+
+@dataclass
+class TrainedModule:
+    """A module the run trains, after `accelerator.prepare` (it may be wrapped for DDP)."""
+
+    name: str
+    """"policy" for the denoiser; the algorithm's name for its own modules (e.g. "value", "critic")."""
+    module: torch.nn.Module
+    optimizer: Any
+    max_grad_norm: float
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.module.parameters() if parameter.requires_grad]
+
 
 class GradientAccumulator:
-    """Counts micro-steps; every `micro_steps`-th one clips the gradients and steps the optimizer.
+    """Counts micro-steps; every `micro_steps`-th one clips each module's gradients and steps its optimizer.
 
     Use one `with accumulator.micro_step():` block per forward+backward, and call `accumulator.backward(loss)`
     inside it; the loss is divided by `micro_steps` so the step uses the mean gradient.
     """
 
-    def __init__(self, accelerator: Accelerator, module: torch.nn.Module, optimizer, parameters: list,
-                 micro_steps: int, max_grad_norm: float):
+    def __init__(self, accelerator: Accelerator, modules: list[TrainedModule], micro_steps: int):
         if micro_steps < 1:
             raise ValueError(f"micro_steps must be at least 1, got {micro_steps}")
         self.accelerator = accelerator
-        self.module = module
-        self.optimizer = optimizer
-        self.parameters = parameters
+        self.modules = modules
         self.micro_steps = micro_steps
-        self.max_grad_norm = max_grad_norm
         self.count = 0
         self.optimizer_steps = 0
-        self.last_grad_norm = float("nan")
+        self.grad_norms: dict[str, float] = {module.name: float("nan") for module in modules}
+        """Each module's gradient norm before clipping, at the last optimizer step."""
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The first module's gradient norm at the last optimizer step."""
+        return self.grad_norms[self.modules[0].name]
 
     @contextlib.contextmanager
     def micro_step(self):
         """One forward+backward; gradients sync across processes only when this micro-step steps."""
         self.count += 1
         stepping = self.count % self.micro_steps == 0
-        with contextlib.nullcontext() if stepping else self.accelerator.no_sync(self.module):
+        with contextlib.ExitStack() as stack:
+            if not stepping:
+                for module in self.modules:
+                    stack.enter_context(self.accelerator.no_sync(module.module))
             yield
         if stepping:
-            norm = self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
-            self.last_grad_norm = float(norm) if norm is not None else float("nan")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            for module in self.modules:
+                norm = self.accelerator.clip_grad_norm_(module.parameters(), module.max_grad_norm)
+                self.grad_norms[module.name] = float(norm) if norm is not None else float("nan")
+                module.optimizer.step()
+                module.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -53,6 +53,7 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
         policy_steps=torch.stack(policy_steps, dim=1),
         prompts=list(prompts),
         prompt_metadata=list(metadata),
+        prev_timesteps=model.previous_timesteps(timesteps).repeat(batch_size, 1),
         prompt_embeds=prompt_embeds,
         group_ids=torch.arange(batch_size, device=sample.device) // group_size + first_group_id,
     )
@@ -83,12 +84,14 @@ class RolloutEngine:
     """Samples an epoch's trajectories batch by batch and scores each batch in a worker thread."""
 
     def __init__(self, model: Model, reward: Reward, prompt_set: PromptSet, sample_config: SampleConfig,
-                 group_size: int = 1, reward_workers: int = 2):
+                 group_size: int = 1, reward_workers: int = 2, process_index: int = 0):
         self.model = model
         self.reward = reward
         self.prompt_set = prompt_set
         self.config = sample_config
         self.group_size = group_size
+        self.process_index = process_index
+        """Group ids are numbered from this process's block, so they are unique across processes."""
         self.executor = ThreadPoolExecutor(max_workers=reward_workers, thread_name_prefix="ddpo-reward",
                                            initializer=_one_intra_op_thread)
         self.timeline: list[tuple[str, int, float, float]] = []
@@ -126,7 +129,8 @@ class RolloutEngine:
             trajectory, batch_images = sample_batch(
                 self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
                 guidance_scale=self.config.guidance_scale, generator=generator, group_size=self.group_size,
-                first_group_id=index * (self.config.batch_size // self.group_size))
+                first_group_id=(self.process_index * self.config.batches_per_epoch + index)
+                * (self.config.batch_size // self.group_size))
             self.timeline.append(("sample", index, start, time.perf_counter()))
             futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))
             parts.append(trajectory)

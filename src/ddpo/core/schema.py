@@ -3,23 +3,37 @@
 Shapes use B for the batch, T for the number of denoising steps of the schedule, (C, H, W) for one state in the
 model's space (latents for Stable Diffusion, pixels for pixel-space DDPMs), L and D for the prompt
 embedding's sequence length and width.
+
+Every field of `Trajectory` declares what it is indexed by (a state, a step, or a sample); `Transitions`, the
+one-step slices the algorithms train on, is built from those declarations, so a new field is one edit here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+from typing import Any
 
 import torch
 
-_PER_STEP = ("timesteps", "log_probs", "policy_steps", "ref_log_probs", "values")
+STATE, STEP, SAMPLE = "state", "step", "sample"
+"""Field kinds: (B, T+1, ...) one entry per state; (B, T) one per step; (B, ...) or a list of B, one per sample."""
+
+
+def _declare(kind: str, *, required: bool = False, transition_names: tuple[str, str] | None = None, **kwargs):
+    """A Trajectory field of `kind` (optional, default None, unless `required`). A state field becomes two
+    transition fields (`transition_names`: the state the step leaves and the one it reaches); the others keep
+    their name."""
+    if not required and "default_factory" not in kwargs:
+        kwargs["default"] = None
+    return field(metadata={"kind": kind, "transition_names": transition_names}, **kwargs)
 
 
 @dataclass
 class Trajectory:
     """A batch of sampled denoising trajectories and what the algorithms attach to them.
 
-    Step k goes from `latents[:, k]` (x_t at `timesteps[:, k]`) to `latents[:, k + 1]`.
+    Step k goes from `latents[:, k]` (x_t at `timesteps[:, k]`) to `latents[:, k + 1]` (at `prev_timesteps[:, k]`).
 
     Attributes:
         latents: (B, T+1, C, H, W) float32, every state of the chain, x_T first, x_0 last.
@@ -30,30 +44,34 @@ class Trajectory:
             (sigma_t = 0) are False and never trained on.
         prompts: B prompt strings (empty strings for unconditional models).
         prompt_metadata: B dicts from the prompt set.
+        prev_timesteps: (B, T) int64, the timestep each step lands on (-1 past the end of the schedule), as
+            recorded when sampling. Recomputing a log-prob uses it, never the scheduler's mutable state.
         prompt_embeds: (B, L, D) text-encoder output, or None for unconditional models.
         rewards: (B,) float32 training reward, once scored.
         advantages: (B,) or (B, T) float32, once computed.
-        group_ids: (B,) int64, trajectories with the same id share a prompt and an initial noise.
+        group_ids: (B,) int64, trajectories with the same id share a prompt and an initial noise; unique across
+            the processes of a run.
         ref_log_probs: (B, T) float32, log-probabilities under a reference policy (algorithm extra).
         values: (B, T) float32, critic values V(x_t) at sampling time (algorithm extra).
         features: (B, T+1, F) float32, per-state features, e.g. a critic's image embeddings (algorithm extra).
         extras: other batch-first tensors (B, ...) keyed by name.
     """
 
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    log_probs: torch.Tensor
-    policy_steps: torch.Tensor
-    prompts: list[str]
-    prompt_metadata: list[dict]
-    prompt_embeds: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    group_ids: torch.Tensor | None = None
-    ref_log_probs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    features: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    latents: torch.Tensor = _declare(STATE, required=True, transition_names=("sample", "next_sample"))
+    timesteps: torch.Tensor = _declare(STEP, required=True)
+    log_probs: torch.Tensor = _declare(STEP, required=True)
+    policy_steps: torch.Tensor = _declare(STEP, required=True)
+    prompts: list[str] = _declare(SAMPLE, required=True)
+    prompt_metadata: list[dict] = _declare(SAMPLE, required=True)
+    prev_timesteps: torch.Tensor | None = _declare(STEP)
+    prompt_embeds: torch.Tensor | None = _declare(SAMPLE)
+    rewards: torch.Tensor | None = _declare(SAMPLE)
+    advantages: torch.Tensor | None = _declare(SAMPLE)  # or per step: (B, T), see `transitions`
+    group_ids: torch.Tensor | None = _declare(SAMPLE)
+    ref_log_probs: torch.Tensor | None = _declare(STEP)
+    values: torch.Tensor | None = _declare(STEP)
+    features: torch.Tensor | None = _declare(STATE, transition_names=("features", "next_features"))
+    extras: dict[str, torch.Tensor] = _declare(SAMPLE, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,35 +85,33 @@ class Trajectory:
         return self.timesteps.shape[1]
 
     def validate(self) -> None:
-        """Check every shape against `latents` and `timesteps`; the error names the field and both shapes."""
+        """Check every shape against `latents`; the error names the field and both shapes."""
         if self.latents.ndim < 3:
             raise ValueError(f"latents must be (B, T+1, ...), got shape {tuple(self.latents.shape)}")
         batch, states = self.latents.shape[:2]
-        expected = {name: (batch, states - 1) for name in _PER_STEP}
-        expected.update(rewards=(batch,), group_ids=(batch,))
-        for name, shape in expected.items():
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"Trajectory.{name} has shape {tuple(value.shape)}, expected {shape} "
-                                 f"(latents {tuple(self.latents.shape)})")
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None or item.name in ("latents", "extras", "advantages"):
+                continue
+            if isinstance(value, list):
+                if len(value) != batch:
+                    raise ValueError(f"Trajectory.{item.name} has {len(value)} entries, expected {batch}")
+                continue
+            kind = item.metadata["kind"]
+            leading = {STATE: (batch, states), STEP: (batch, states - 1), SAMPLE: (batch,)}[kind]
+            exact = kind == STEP or item.name in ("rewards", "group_ids")
+            shape = tuple(value.shape)
+            if (shape if exact else shape[:len(leading)]) != leading:
+                wanted = leading if exact else (*leading, "...")
+                raise ValueError(f"Trajectory.{item.name} has shape {shape}, expected "
+                                 f"{tuple(wanted)} (latents {tuple(self.latents.shape)})")
         if self.advantages is not None and tuple(self.advantages.shape) not in ((batch,), (batch, states - 1)):
             raise ValueError(f"Trajectory.advantages has shape {tuple(self.advantages.shape)}, expected "
                              f"({batch},) or ({batch}, {states - 1})")
-        for name in ("prompt_embeds", "features"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != batch:
-                raise ValueError(f"Trajectory.{name} has shape {tuple(value.shape)}, expected batch {batch} "
-                                 f"first (latents {tuple(self.latents.shape)})")
-        if self.features is not None and self.features.shape[1] != states:
-            raise ValueError(f"Trajectory.features has shape {tuple(self.features.shape)}, expected "
-                             f"({batch}, {states}, F)")
         for name, value in self.extras.items():
             if value.shape[0] != batch:
                 raise ValueError(f"Trajectory.extras['{name}'] has shape {tuple(value.shape)}, expected batch "
                                  f"{batch} first")
-        for name in ("prompts", "prompt_metadata"):
-            if len(getattr(self, name)) != batch:
-                raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries, expected {batch}")
 
     def _map(self, tensor_fn, list_fn) -> Trajectory:
         """A new Trajectory with `tensor_fn` applied to every tensor and `list_fn` to the prompt lists."""
@@ -152,23 +168,39 @@ class Trajectory:
         """How many steps per sample are trained on: int(policy steps x fraction), at least one."""
         return max(1, int(int(self.policy_steps[0].sum()) * fraction))
 
-    def shuffled_steps(self, generator: torch.Generator, fraction: float = 1.0) -> torch.Tensor:
+    def shuffled_steps(self, generator: torch.Generator, fraction: float = 1.0, group_size: int = 1) -> torch.Tensor:
         """(B, n) step indices to train on: each sample's policy steps in its own random order, the first
-        `n = int(num_policy_steps * fraction)` of them (at least one)."""
+        `n = int(num_policy_steps * fraction)` of them (at least one). With `group_size` k > 1, the k consecutive
+        members of a group share one order."""
         if not bool((self.policy_steps == self.policy_steps[0]).all()):
             raise ValueError("all trajectories of a batch must share their policy steps")
         policy = self.policy_steps[0].nonzero().flatten().cpu()
         count = self.num_train_steps(fraction)
-        orders = [policy[torch.randperm(len(policy), generator=generator)[:count]] for _ in range(self.batch_size)]
-        return torch.stack(orders).to(self.timesteps.device)
+        orders = [policy[torch.randperm(len(policy), generator=generator)[:count]]
+                  for _ in range(self.batch_size // group_size)]
+        return torch.stack(orders).repeat_interleave(group_size, dim=0).to(self.timesteps.device)
 
-    def training_transitions(self, batch_size: int, generator: torch.Generator,
-                             fraction: float = 1.0) -> Iterator[Transitions]:
+    def group_order(self, generator: torch.Generator, group_size: int = 1) -> torch.Tensor:
+        """(B,) a random order of the samples that keeps each group's k consecutive members together (k = 1: a
+        plain permutation). The batch must hold whole groups, members adjacent, as the rollout samples them."""
+        if self.batch_size % group_size:
+            raise ValueError(f"a batch of {self.batch_size} does not hold whole groups of {group_size}")
+        groups = torch.randperm(self.batch_size // group_size, generator=generator)
+        return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+
+    def training_transitions(self, batch_size: int, generator: torch.Generator, fraction: float = 1.0,
+                             group_size: int = 1) -> Iterator[Transitions]:
         """DDPO's training order: shuffle the samples, draw each sample's steps in its own random order
         (`shuffled_steps`), then for each minibatch of `batch_size`, yield its transitions step position by
-        step position. Yields (B / batch_size) x n transitions of `batch_size` samples."""
-        shuffled = self[torch.randperm(self.batch_size, generator=generator)]
-        steps = shuffled.shuffled_steps(generator, fraction)
+        step position. Yields (B / batch_size) x n transitions of `batch_size` samples.
+
+        With `group_size` k > 1 (pairs, GRPO groups), groups are shuffled whole and their members share a step
+        order, so rows [j*k, (j+1)*k) of every transitions batch are one group at one step; `batch_size` must
+        be a multiple of k."""
+        if batch_size % group_size:
+            raise ValueError(f"train batch size {batch_size} must be a multiple of the group size {group_size}")
+        shuffled = self[self.group_order(generator, group_size)]
+        steps = shuffled.shuffled_steps(generator, fraction, group_size)
         for minibatch, minibatch_steps in zip(shuffled.minibatches(batch_size), steps.split(batch_size), strict=True):
             for position in range(minibatch_steps.shape[1]):
                 yield minibatch.transitions(minibatch_steps[:, position])
@@ -176,45 +208,42 @@ class Trajectory:
     def transitions(self, steps: torch.Tensor) -> Transitions:
         """The transition each sample takes at its step `steps[b]` ((B,) int64 indices into the steps)."""
         rows = torch.arange(self.batch_size, device=steps.device)
-        per_step = lambda tensor: None if tensor is None else tensor[rows, steps]  # noqa: E731
-        advantages = self.advantages
-        if advantages is not None and advantages.ndim == 2:
-            advantages = per_step(advantages)
-        return Transitions(
-            sample=self.latents[rows, steps],
-            next_sample=self.latents[rows, steps + 1],
-            timesteps=self.timesteps[rows, steps],
-            log_probs=self.log_probs[rows, steps],
-            prompt_embeds=self.prompt_embeds,
-            advantages=advantages,
-            steps=steps,
-            ref_log_probs=per_step(self.ref_log_probs),
-            values=per_step(self.values),
-        )
+        values: dict[str, Any] = {"steps": steps}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            kind = item.metadata["kind"]
+            if item.name == "advantages" and value is not None and value.ndim == 2:
+                kind = STEP
+            if value is None:
+                continue
+            if kind == STATE:
+                leaving, reaching = item.metadata["transition_names"]
+                values[leaving], values[reaching] = value[rows, steps], value[rows, steps + 1]
+            elif kind == STEP:
+                values[item.name] = value[rows, steps]
+            else:
+                values[item.name] = value
+        return Transitions(**values)
 
 
-@dataclass
-class Transitions:
-    """One step of each trajectory of a batch, as the algorithms train on it.
+def _transition_fields() -> list[tuple[str, Any, Any]]:
+    names = []
+    for item in fields(Trajectory):
+        names.extend(item.metadata["transition_names"] or (item.name,))
+    specs = [(name, Any, field(default=None)) for name in names if name != "extras"]
+    return [*specs, ("steps", Any, field(default=None)), ("extras", Any, field(default_factory=dict))]
 
-    Attributes:
-        sample: (B, C, H, W) x_t.
-        next_sample: (B, C, H, W) x_{t-1}, the action taken.
-        timesteps: (B,) int64.
-        log_probs: (B,) float32, log-probability under the sampling policy.
-        prompt_embeds: (B, L, D) or None.
-        advantages: (B,) or None.
-        steps: (B,) int64, the index of the step within its trajectory.
-        ref_log_probs: (B,) or None.
-        values: (B,) or None.
-    """
 
-    sample: torch.Tensor
-    next_sample: torch.Tensor
-    timesteps: torch.Tensor
-    log_probs: torch.Tensor
-    prompt_embeds: torch.Tensor | None
-    advantages: torch.Tensor | None
-    steps: torch.Tensor
-    ref_log_probs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+Transitions = make_dataclass("Transitions", _transition_fields())
+Transitions.__module__ = __name__
+Transitions.__doc__ = """One step of each trajectory of a batch, as the algorithms train on it: every field of
+`Trajectory` at the step each sample takes (B first; None where the trajectory has none).
+
+Attributes:
+    sample: (B, C, H, W) x_t, the state the step leaves; next_sample: (B, C, H, W) x_{t-1}, the action taken.
+    features, next_features: (B, F) the per-state features of those two states.
+    timesteps, prev_timesteps, log_probs, policy_steps, ref_log_probs, values: (B,) the step's entries.
+    advantages: (B,) the sample's advantage, or its step's for per-step advantages.
+    prompts, prompt_metadata (B entries), prompt_embeds (B, L, D), rewards, group_ids (B,), extras: per sample.
+    steps: (B,) int64, the index of the step within its trajectory.
+"""

@@ -6,23 +6,19 @@ resumed from the checkpoint of epoch N continues exactly as the uninterrupted ru
 
 from __future__ import annotations
 
-import hashlib
 import random
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
-from tqdm.auto import tqdm
 
-from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
+from ddpo.core.advantages import PerPromptStatTracker
 from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo.core.config import RunConfig
@@ -30,9 +26,9 @@ from ddpo.core.errors import UsageError
 from ddpo.core.images import make_grid, save_png
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
-from ddpo.core.optim import GradientAccumulator
 from ddpo.core.plugins import get_plugin_manager, get_registry
 from ddpo.core.rollout import RolloutEngine, score
+from ddpo.core.run import Run, derive_seed
 from ddpo.core.sampling import ensure_device_available
 
 CONFIG_FILE = "config.yaml"
@@ -40,71 +36,9 @@ GRID_IMAGES = 64
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (the run seed, the epoch, the process, a purpose)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def default_run_name(config: RunConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{config.algorithm.name}__{config.reward.name}__{config.model.name}__s{config.seed}__{stamp}"
-
-
-@dataclass
-class Run:
-    """A run in progress: what hooks and algorithms get."""
-
-    config: RunConfig
-    accelerator: Accelerator
-    model: Model
-    reward: Reward
-    algorithm: Algorithm
-    prompt_set: PromptSet
-    run_dir: Path
-    optimizer: Any
-    stat_tracker: PerPromptStatTracker | None
-    eval_rewards: dict[str, Reward] = field(default_factory=dict)
-    epoch: int = 0
-    """The current epoch (numbered from 1); after a checkpoint load, the epoch it holds."""
-    reward_queries: int = 0
-    """Images scored by the training reward so far, over all processes."""
-    gathered_rewards: torch.Tensor | None = None
-    """(N,) this epoch's rewards over all processes, process 0's first."""
-    gathered_prompts: list[str] | None = None
-    """N prompts matching `gathered_rewards`."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def generator(self, purpose: str) -> torch.Generator:
-        """A CPU generator for this epoch, process and purpose (e.g. "sample", "train")."""
-        seed = derive_seed(self.config.seed, self.epoch, self.accelerator.process_index, purpose)
-        return torch.Generator().manual_seed(seed)
-
-    def accumulator(self, micro_steps: int) -> GradientAccumulator:
-        """A gradient accumulator on the policy that steps once per `micro_steps` backward passes."""
-        return GradientAccumulator(self.accelerator, self.model.denoiser, self.optimizer,
-                                   self.model.trainable_parameters(), micro_steps, self.config.train.max_grad_norm)
-
-    def progress(self, total: int, description: str):
-        """A progress bar on the main process, when stderr is a terminal."""
-        return tqdm(total=total, desc=description, leave=False, disable=None if self.is_main else True,
-                    dynamic_ncols=True)
-
-    def default_advantages(self, trajectory) -> torch.Tensor:
-        """DDPO's advantages for this process's trajectories (B,): rewards normalised per prompt over all
-        processes (or over the whole batch), clipped to +-advantage.clip_max."""
-        rewards = self.gathered_rewards.numpy()
-        if self.stat_tracker is not None:
-            advantages = self.stat_tracker.update(self.gathered_prompts, rewards)
-        else:
-            advantages = batch_advantages(rewards)
-        clip = self.config.advantage.clip_max
-        advantages = torch.as_tensor(np.clip(advantages, -clip, clip), dtype=torch.float32)
-        local = advantages.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
-        return local.to(trajectory.latents.device)
 
 
 def _accelerator(config: RunConfig) -> Accelerator:
@@ -171,6 +105,8 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
     run = Run(config=config, accelerator=accelerator, model=model, reward=reward, algorithm=algorithm,
               prompt_set=prompt_set, run_dir=run_dir, optimizer=optimizer, stat_tracker=tracker,
               eval_rewards=eval_rewards)
+    if algorithm.needs_reference:
+        model.prepare_reference()
     algorithm.setup(run)
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)
@@ -186,7 +122,8 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
             logger.log_hparams(config.model_dump(mode="json"), ["reward/mean", "reward/max"])
     accelerator.wait_for_everyone()
 
-    engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size())
+    engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
+                           process_index=accelerator.process_index)
     hooks.on_run_start(run=run)
     grid_path = None
     try:
@@ -217,10 +154,14 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     _seed_everything(derive_seed(config.seed, epoch, accelerator.process_index, "global"))
 
     run.model.denoiser.eval()
-    with run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar:
-        trajectory, images = engine.collect(
-            run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
-                                                               "prompts")), progress=bar)
+    offline = run.algorithm.offline_trajectories(run)
+    if offline is not None:
+        trajectory, images = offline
+    else:
+        with run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar:
+            trajectory, images = engine.collect(
+                run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
+                                                                   "prompts")), progress=bar)
     hooks.on_rollout_end(run=run, trajectory=trajectory)
 
     run.gathered_rewards = accelerator.gather(trajectory.rewards.to(accelerator.device)).cpu()
@@ -231,7 +172,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     advantages = hooks.compute_advantages(run=run, trajectory=trajectory)
     if advantages is None:
         advantages = run.algorithm.compute_advantages(run, trajectory)
-    trajectory.advantages = advantages.to(trajectory.latents.device, torch.float32)
+    clip = config.advantage.clip_max
+    trajectory.advantages = advantages.to(trajectory.latents.device, torch.float32).clamp(-clip, clip)
     trajectory.validate()
 
     run.model.denoiser.train()

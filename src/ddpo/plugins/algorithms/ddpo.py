@@ -19,8 +19,6 @@ Log-probabilities are per-element means (DESIGN.md §7), the scale the clip rang
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import pydantic
 
 import ddpo
@@ -36,35 +34,30 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         """PPO clip range epsilon on the per-step likelihood ratio (paper: 1e-4)."""
 
     def update(self, run, trajectory):
-        import torch
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
         total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
-        statistics = defaultdict(list)
+        statistics = EpochStatistics()
         with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
             for inner_epoch in range(config.train.inner_epochs):
                 generator = run.generator(f"train-{inner_epoch}")
-                for transitions in trajectory.training_transitions(config.train.batch_size, generator,
-                                                                   config.train.timestep_fraction):
+                for index, transitions in enumerate(trajectory.training_transitions(
+                        config.train.batch_size, generator, config.train.timestep_fraction)):
+                    first_minibatch = inner_epoch == 0 and index < steps_per_sample
                     with accumulator.micro_step():
                         log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                                config.sample.guidance_scale)
-                        advantages = transitions.advantages
-                        ratio = torch.exp(log_prob - transitions.log_probs)
-                        clipped = torch.clamp(ratio, 1 - self.options.clip_range, 1 + self.options.clip_range)
-                        loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+                        loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
+                                                    self.options.clip_range)
                         accumulator.backward(loss)
-                    log_ratio = (log_prob - transitions.log_probs).detach()
-                    statistics["loss/policy"].append(loss.item())
-                    statistics["policy/approx_kl"].append(0.5 * (log_ratio**2).mean().item())
-                    statistics["policy/clipfrac"].append(
-                        ((ratio.detach() - 1).abs() > self.options.clip_range).float().mean().item())
-                    statistics["policy/ratio_mean"].append(ratio.detach().mean().item())
+                    statistics.add({"loss/policy": loss.item()})
+                    statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch)
                     bar.update(1)
         accumulator.check_finished()
-        return _summarise(statistics, accumulator)
+        return statistics.summary(accumulator)
 
 
 class DDPOScoreFunction(ddpo.Algorithm):
@@ -73,32 +66,26 @@ class DDPOScoreFunction(ddpo.Algorithm):
     name = "ddpo-sf"
 
     def update(self, run, trajectory):
+        from ddpo.core.policy import EpochStatistics
+
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         total = (trajectory.batch_size // config.train.batch_size) * steps_per_sample
         accumulator = run.accumulator(total)
-        statistics = defaultdict(list)
+        statistics = EpochStatistics()
         with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for transitions in trajectory.training_transitions(config.train.batch_size, run.generator("train"),
-                                                               config.train.timestep_fraction):
+            for index, transitions in enumerate(trajectory.training_transitions(
+                    config.train.batch_size, run.generator("train"), config.train.timestep_fraction)):
                 with accumulator.micro_step():
                     log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                            config.sample.guidance_scale)
                     loss = -(transitions.advantages * log_prob).mean()
                     accumulator.backward(loss)
-                statistics["loss/policy"].append(loss.item())
+                statistics.add({"loss/policy": loss.item()})
+                statistics.add_ratio(log_prob, transitions.log_probs, None, index < steps_per_sample)
                 bar.update(1)
         accumulator.check_finished()
-        return _summarise(statistics, accumulator)
-
-
-def _summarise(statistics: dict[str, list[float]], accumulator) -> dict[str, float]:
-    """Epoch means of the per-micro-step statistics, plus the optimizer's step count and last gradient norm."""
-    summary = {tag: sum(values) / len(values) for tag, values in statistics.items()}
-    summary["loss/total"] = summary["loss/policy"]
-    summary["train/optimizer_steps"] = float(accumulator.optimizer_steps)
-    summary["train/grad_norm"] = accumulator.last_grad_norm
-    return summary
+        return statistics.summary(accumulator)
 
 
 @ddpo.hookimpl

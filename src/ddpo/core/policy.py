@@ -1,0 +1,60 @@
+"""What the ratio-based policy-gradient algorithms share: PPO's clipped surrogate over denoising steps and the
+statistics they log.
+
+ρ = exp(log p_θ − log p_old) per transition. Right after sampling, before any optimizer step, the policy is the
+sampling policy and ρ must be exactly 1: `policy/ratio_dev_first` logs max |ρ − 1| over the epoch's first
+minibatch (every trained step of it), before the first optimizer step; a value away from 0 means the
+recomputed log-probs do not match the sampled ones, the bug users of other tools report most.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's loss mean(max(−A ρ, −A clip(ρ, 1 ± ε))) over (B,) transitions; returns `(loss, ratio)`."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
+
+
+class EpochStatistics:
+    """Per-micro-step scalars of an update, summarised as epoch means, plus the ratio checks."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.ratio_dev_first = 0.0
+
+    def add(self, tags: dict[str, float]) -> None:
+        """Record one micro-step's scalars by tag ({"loss/policy": ...})."""
+        for tag, value in tags.items():
+            self.values[tag].append(float(value))
+
+    def add_ratio(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float | None,
+                  first_minibatch: bool) -> None:
+        """Record `policy/approx_kl`, `policy/ratio_mean`, `policy/clipfrac` (when there is a clip range) and,
+        for a transition of the first minibatch before any optimizer step, `policy/ratio_dev_first`."""
+        log_ratio = (log_prob - old_log_prob).detach()
+        ratio = log_ratio.exp()
+        self.add({"policy/approx_kl": 0.5 * (log_ratio**2).mean().item(), "policy/ratio_mean": ratio.mean().item()})
+        if clip_range is not None:
+            self.add({"policy/clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item()})
+        if first_minibatch:
+            self.ratio_dev_first = max(self.ratio_dev_first, (ratio - 1).abs().max().item())
+
+    def summary(self, accumulator=None) -> dict[str, float]:
+        """Epoch means of every tag, `policy/ratio_dev_first` if ratios were recorded, and the accumulator's
+        optimizer step count and last gradient norm; `loss/total` defaults to `loss/policy`."""
+        summary = {tag: sum(values) / len(values) for tag, values in self.values.items()}
+        if "policy/ratio_mean" in summary:
+            summary["policy/ratio_dev_first"] = self.ratio_dev_first
+        if "loss/policy" in summary:
+            summary.setdefault("loss/total", summary["loss/policy"])
+        if accumulator is not None:
+            summary["train/optimizer_steps"] = float(accumulator.optimizer_steps)
+            summary["train/grad_norm"] = accumulator.last_grad_norm
+        return summary
