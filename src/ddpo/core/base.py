@@ -83,7 +83,11 @@ class Algorithm(Plugin):
     """Whether the algorithm uses the pretrained model (`run.model.reference()`); the trainer then prepares it
     before training (a frozen copy of the denoiser when all its weights are trained)."""
     run_defaults: ClassVar[dict[str, Any]] = {}
-    """Run-config values this algorithm recommends, applied over the model's and under the user's."""
+    """Run-config values this algorithm recommends (its paper's recipe), applied over the model's and under the
+    user's."""
+    model_run_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Per model name, run-config values that suit this algorithm on that model, applied over `run_defaults`
+    (e.g. {"digits": {...}}: the settings under which it learns on the embedded demo)."""
 
     def group_size(self) -> int:
         """How many trajectories share a prompt and an initial noise (2 for pairwise methods)."""

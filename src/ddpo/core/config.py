@@ -1,6 +1,7 @@
 """The run configuration: pydantic models for the keys of DESIGN.md §5, and how layers of it are merged.
 
-Precedence, lowest first: built-in defaults < the model's, then the algorithm's `run_defaults` < plugin
+Precedence, lowest first: built-in defaults < the model's, then the algorithm's `run_defaults` (with its
+`model_run_defaults` for the chosen model over them) < plugin
 option defaults < `--config` file (YAML or TOML) < `--set KEY=VALUE` < named flags (`--epochs` ...).
 Plugin sections (`algorithm`, `reward`, `model`, `prompts`) hold a `name` plus that plugin's options,
 validated by the plugin's own `Options`. When a layer names a different plugin, the options of the layers
@@ -228,7 +229,8 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
     registry = get_registry()
     model_cls = registry.get("models", chosen.model.name)
     algorithm_cls = registry.get("algorithms", chosen.algorithm.name)
-    layered = merge(merge(merge(defaults, model_cls.run_defaults), algorithm_cls.run_defaults), user)
+    algorithm_defaults = merge(algorithm_cls.run_defaults, algorithm_cls.model_run_defaults.get(chosen.model.name, {}))
+    layered = merge(merge(merge(defaults, model_cls.run_defaults), algorithm_defaults), user)
     config = validate_run_config(layered)
 
     for section, kind in PLUGIN_SECTIONS.items():
@@ -260,6 +262,9 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
     if config.sample.batch_size % group:
         raise UsageError(f"sample.batch_size={config.sample.batch_size} must be a multiple of algorithm "
                          f"'{algorithm.name}' group size {group}")
+    if config.train.batch_size % group:
+        raise UsageError(f"train.batch_size={config.train.batch_size} must be a multiple of algorithm "
+                         f"'{algorithm.name}' group size {group} (a group trains in one minibatch)")
     samples = config.sample.batch_size * config.sample.batches_per_epoch
     per_step = config.train.batch_size * config.train.grad_accum
     if samples % per_step:
