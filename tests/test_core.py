@@ -1,0 +1,247 @@
+"""The core capabilities every algorithm builds on: the reference policy, log-probs from recorded step state,
+transitions that carry every field, groups kept together, trained modules in checkpoints, advantages clipped
+from any source, and the first-minibatch ratio check."""
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import run_cli
+from ddpo.core.checkpoint import load_checkpoint, save_checkpoint
+from ddpo.core.config import SampleConfig, resolve_config
+from ddpo.core.policy import clipped_surrogate
+from ddpo.core.rollout import RolloutEngine, sample_batch
+from ddpo.core.run import Run
+from ddpo.core.schema import Trajectory, Transitions
+from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling
+from ddpo.plugins.models.ddpm import PixelDDPM
+from ddpo.plugins.models.sd import StableDiffusion
+from ddpo.plugins.prompts import Unconditional
+
+
+def loaded(model_cls, directory, **options):
+    model = model_cls({"pretrained": str(directory), **options})
+    model.load(torch.device("cpu"), torch.float32)
+    return model
+
+
+def perturb(parameters, seed=0):
+    """Move trainable weights away from their initial values, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def sd_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([700, 30]),
+            torch.randn(2, 16, 32, generator=generator))
+
+
+def test_reference_with_lora_is_the_untouched_pipeline_bit_for_bit_and_the_adapters_come_back(tiny_sd):
+    policy = loaded(StableDiffusion, tiny_sd)
+    policy.configure_training()
+    perturb(policy.trainable_parameters())  # LoRA's B starts at zero: make the adapters matter
+    policy.denoiser = Accelerator(cpu=True).prepare(policy.denoiser)
+    base = loaded(StableDiffusion, tiny_sd)
+    sample, timesteps, embeds = sd_inputs()
+    with torch.no_grad():
+        expected = base.predict_noise(sample, timesteps, embeds, guidance_scale=5.0)
+        with policy.reference():
+            reference = policy.predict_noise(sample, timesteps, embeds, guidance_scale=5.0)
+    assert torch.equal(reference, expected)
+
+    output = policy.predict_noise(sample, timesteps, embeds, guidance_scale=5.0)
+    assert not torch.allclose(output, expected, atol=1e-4)  # the adapters are active again
+    output.square().mean().backward()
+    trainable = policy.trainable_parameters()
+    assert trainable and all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in trainable)
+
+
+def test_reference_with_all_weights_trained_is_a_frozen_copy_of_the_pretrained_model(tiny_ddpm):
+    policy = loaded(PixelDDPM, tiny_ddpm)
+    policy.configure_training()
+    policy.prepare_reference()
+    perturb(policy.trainable_parameters())
+    base = loaded(PixelDDPM, tiny_ddpm)
+    sample = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([900, 500, 10])
+    with torch.no_grad():
+        expected = base.predict_noise(sample, timesteps, None, 1.0)
+        with policy.reference():
+            reference = policy.predict_noise(sample, timesteps, None, 1.0)
+    assert torch.equal(reference, expected)
+    assert not any(parameter.requires_grad for parameter in policy.reference_denoiser.parameters())
+    output = policy.predict_noise(sample, timesteps, None, 1.0)
+    assert not torch.allclose(output, expected, atol=1e-4)
+    output.square().mean().backward()
+    assert all(parameter.grad is not None for parameter in policy.trainable_parameters())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_log_probs_use_the_recorded_steps_not_the_schedulers_current_state(tiny_ddpm, scheduler):
+    model = loaded(PixelDDPM, tiny_ddpm, scheduler=scheduler)
+    trajectory, _ = sample_batch(model, [""] * 3, [{}] * 3, num_steps=8, eta=1.0, guidance_scale=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    model.set_timesteps(20)  # e.g. an evaluation grid sampled with another step count
+    policy = trajectory.policy_steps[0]
+    with torch.no_grad():
+        for step in policy.nonzero().flatten().tolist():
+            transitions = trajectory.transitions(torch.full((3,), step))
+            log_prob, *_ = model.step_log_prob(transitions, eta=1.0, guidance_scale=1.0)
+            assert torch.equal(torch.exp(log_prob - transitions.log_probs), torch.ones(3)), step
+
+
+def full_trajectory(batch=4, steps=3):
+    """A trajectory with every optional field set to distinct values."""
+    generator = torch.Generator().manual_seed(0)
+    per_step = lambda: torch.randn(batch, steps, generator=generator)  # noqa: E731
+    return Trajectory(
+        latents=torch.randn(batch, steps + 1, 2, 3, 3, generator=generator),
+        timesteps=torch.arange(steps, 0, -1).repeat(batch, 1), prev_timesteps=torch.arange(steps - 1, -1, -1).repeat(batch, 1),
+        log_probs=per_step(), policy_steps=torch.ones(batch, steps, dtype=torch.bool),
+        prompts=[f"p{index}" for index in range(batch)], prompt_metadata=[{"i": index} for index in range(batch)],
+        prompt_embeds=torch.randn(batch, 5, 6, generator=generator), rewards=torch.randn(batch, generator=generator),
+        advantages=per_step(), group_ids=torch.arange(batch) // 2, ref_log_probs=per_step(), values=per_step(),
+        features=torch.randn(batch, steps + 1, 7, generator=generator),
+        extras={"noise": torch.randn(batch, 2, generator=generator)})
+
+
+def test_transitions_carry_every_field_of_the_trajectory():
+    trajectory = full_trajectory()
+    steps = torch.tensor([0, 2, 1, 1])
+    transitions = trajectory.transitions(steps)
+    rows = torch.arange(4)
+    names = {item.name for item in dataclasses.fields(Transitions)}
+    for item in dataclasses.fields(Trajectory):
+        value, kind = getattr(trajectory, item.name), item.metadata["kind"]
+        if item.name == "advantages":
+            kind = "step"  # per-step advantages here
+        if kind == "state":
+            leaving, reaching = item.metadata["transition_names"]
+            assert torch.equal(getattr(transitions, leaving), value[rows, steps])
+            assert torch.equal(getattr(transitions, reaching), value[rows, steps + 1])
+            names -= {leaving, reaching}
+        elif kind == "step":
+            assert torch.equal(getattr(transitions, item.name), value[rows, steps]), item.name
+            names.discard(item.name)
+        else:
+            carried = getattr(transitions, item.name)
+            assert carried is value or carried == value, item.name
+            names.discard(item.name)
+    assert names == {"steps"}
+
+
+def test_groups_train_together_at_the_same_step():
+    trajectory = full_trajectory(batch=8, steps=5)
+    seen = set()
+    for transitions in trajectory.training_transitions(4, torch.Generator().manual_seed(0), group_size=2):
+        for pair in range(2):
+            rows = slice(2 * pair, 2 * pair + 2)
+            assert transitions.group_ids[rows][0] == transitions.group_ids[rows][1]
+            assert transitions.steps[rows][0] == transitions.steps[rows][1]
+            seen.add((int(transitions.group_ids[rows][0]), int(transitions.steps[rows][0])))
+    assert len(seen) == 4 * 5  # every group at every step, once
+    with pytest.raises(ValueError, match="multiple of the group size 2"):
+        next(trajectory.training_transitions(3, torch.Generator(), group_size=2))
+
+
+def test_group_ids_are_unique_across_processes(tiny_ddpm):
+    model = loaded(PixelDDPM, tiny_ddpm)
+    config = SampleConfig(batch_size=4, batches_per_epoch=2, num_steps=2, eta=1.0, guidance_scale=1.0)
+    ids = []
+    for process in (0, 1):
+        engine = RolloutEngine(model, _MeanReward(), Unconditional(), config, group_size=2, process_index=process)
+        trajectory, _ = engine.collect(torch.Generator().manual_seed(process), random.Random(0))
+        engine.close()
+        ids.append(trajectory.group_ids.tolist())
+    assert ids == [[0, 0, 1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6, 7, 7]]
+
+
+class _MeanReward:
+    name = "mean"
+
+    def __call__(self, images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_clipped_surrogate_matches_a_float64_hand_computation_and_clipped_terms_get_no_gradient():
+    old = torch.zeros(4)
+    log_prob = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.00005])).requires_grad_(True)
+    advantages = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    loss, ratio = clipped_surrogate(log_prob, old, advantages, clip_range=0.1)
+    rho = [1.0, 1.5, 0.5, 1.00005]
+    a = [1.0, 2.0, -1.0, 3.0]
+    terms = [max(-ai * r, -ai * min(max(r, 0.9), 1.1)) for ai, r in zip(a, rho)]
+    assert loss.item() == pytest.approx(sum(terms) / 4, rel=1e-6)
+    loss.backward()
+    # rho 1.5 with A > 0 and rho 0.5 with A < 0 are clipped: no gradient; the others get -A rho / 4
+    assert log_prob.grad[1] == 0 and log_prob.grad[2] == 0
+    assert log_prob.grad[0].item() == pytest.approx(-1.0 / 4) and log_prob.grad[3].item() == pytest.approx(-3 * 1.00005 / 4, rel=1e-5)
+    assert torch.equal(ratio.detach(), log_prob.detach().exp())
+
+
+def test_registered_modules_and_their_optimizers_are_checkpointed(tiny_ddpm, tmp_path):
+    def make_run():
+        model = loaded(PixelDDPM, tiny_ddpm)
+        model.configure_training()
+        config = resolve_config(None, [], {"model": {"name": "ddpm"}})
+        accelerator = Accelerator(cpu=True)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+        model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
+        run = Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=DDPOImportanceSampling(),
+                  prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
+        torch.manual_seed(len(list(tmp_path.iterdir())))  # each call: other initial weights
+        critic = torch.nn.Linear(3, 2)
+        run.register_module("critic", critic, torch.optim.AdamW(critic.parameters(), lr=0.1))
+        return run
+
+    run = make_run()
+    critic = run.modules["critic"]
+    accumulator = run.accumulator(1, modules=("critic",))
+    with accumulator.micro_step():
+        accumulator.backward(critic.module(torch.ones(4, 3)).square().sum())
+    save_checkpoint(run)
+    restored = make_run()
+    assert not torch.equal(restored.modules["critic"].module.weight, critic.module.weight)
+    load_checkpoint(restored, tmp_path / "checkpoints" / "epoch_0001")
+    assert torch.equal(restored.modules["critic"].module.weight, critic.module.weight)
+    ours, theirs = restored.modules["critic"].optimizer.state_dict(), critic.optimizer.state_dict()
+    assert torch.equal(ours["state"][0]["exp_avg"], theirs["state"][0]["exp_avg"]) and ours["state"][0]["step"] == 1
+
+
+def hook_plugin(directory):
+    """A plugin whose compute_advantages hook returns far too large advantages, and whose on_update_end hook logs
+    the largest advantage the update saw (editing the metrics)."""
+    (directory / "big_advantages.py").write_text(
+        "import torch\nimport ddpo\n\nseen = {}\n\n\n"
+        "@ddpo.hookimpl\ndef compute_advantages(run, trajectory):\n"
+        "    seen['trajectory'] = trajectory\n"
+        "    return torch.full((trajectory.batch_size,), 100.0)\n\n\n"
+        "@ddpo.hookimpl\ndef on_update_end(metrics):\n"
+        "    metrics['test/max_advantage'] = float(seen['trajectory'].advantages.abs().max())\n")
+    info = directory / "big_advantages-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: big-advantages\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ddpo]\nbig = big_advantages\n")
+    return directory
+
+
+def test_advantages_from_a_hook_are_clipped_and_the_first_ratio_is_exactly_one(tmp_path):
+    (tmp_path / "plugin").mkdir()
+    plugin = hook_plugin(tmp_path / "plugin")
+    result = run_cli("run", "--epochs", "2", "--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1",
+                     "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "sample.num_steps=4",
+                     "--set", "advantage.clip_max=3", "--logdir", str(tmp_path), "--run-name", "hooked",
+                     env={"PYTHONPATH": str(plugin)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "hooked" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["test/max_advantage"] for record in records] == [3.0, 3.0]
+    for record in records:
+        assert record["policy/ratio_dev_first"] <= 1e-6, record  # the policy is the sampling policy until it steps
+        assert record["policy/clipfrac"] > 0  # the second minibatch runs after an optimizer step
