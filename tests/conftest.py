@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ddpo.testing import build_tiny_ddpm, build_tiny_sd
+from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +17,34 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_ddpm(tmp_path_factory):
     return build_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def aesthetic_weights(tmp_path_factory):
+    """A random LAION aesthetic MLP state dict under the public file's key names, as .pth (scaled so outputs vary)."""
+    import math
+
+    import torch
+
+    from ddpo.plugins.rewards.aesthetic import MLP_SHAPES
+
+    generator = torch.Generator().manual_seed(1)
+    state = {key: torch.randn(shape, generator=generator) / math.sqrt(shape[-1]) for key, shape in MLP_SHAPES.items()}
+    path = tmp_path_factory.mktemp("aesthetic") / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(state, path)
+    return path
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ def assert_one_line_usage_error(result, *fragments):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["run", "--algo", "ddpo-iss"], ["unknown algorithm 'ddpo-iss'", "Did you mean 'ddpo-is'?", "Valid: ddpo-is, ddpo-sf"]),
+    (["run", "--algo", "ddpo-iss"], ["unknown algorithm 'ddpo-iss'", "Did you mean 'ddpo-is'?", "ddpo-is, ddpo-sf"]),
     (["run", "--reward", "compressability"], ["unknown reward 'compressability'", "Did you mean 'compressibility'?"]),
     (["run", "--epoch", "3"], ["No such option: --epoch", "--epochs"]),
     (["run", "--epochs", "three"], ["Invalid value for '--epochs'"]),

@@ -76,7 +76,7 @@ def test_bad_values_give_one_line_naming_the_key_and_what_is_valid(sets, message
 
 
 def test_unknown_plugin_names_suggest_the_closest():
-    with pytest.raises(UsageError, match=r"unknown algorithm 'ddpo-iss'. Did you mean 'ddpo-is'\? Valid: ddpo-is, ddpo-sf"):
+    with pytest.raises(UsageError, match=r"unknown algorithm 'ddpo-iss'. Did you mean 'ddpo-is'\? Valid: (\S+, )*ddpo-is, ddpo-sf"):
         resolve_config(flags={"algorithm": {"name": "ddpo-iss"}})
 
 

@@ -2,6 +2,8 @@
 
 DDPO family: a per-prompt running buffer of rewards (size 32, min_count 16); until a prompt has min_count
 rewards the whole batch's mean and std are used; A = (r - mean) / (std + 1e-6), clipped to +-clip_max.
+GRPO family: each group (the images of one prompt, sampled together) is its own baseline,
+A = (r - group mean) / (group std + 1e-4), or the epoch's std with `global_std` (Flow-GRPO's configs).
 """
 
 from __future__ import annotations
@@ -52,3 +54,20 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     rewards = np.asarray(rewards, dtype=np.float64)
     return (rewards - rewards.mean()) / (rewards.std() + EPSILON)
 
+
+
+def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, global_std: bool = False,
+                     epsilon: float = 1e-4) -> tuple[np.ndarray, int]:
+    """Group-relative advantages (N,) float64 for rewards (N,) and their group ids (N,), and the number of
+    groups whose rewards are all equal (their advantages are 0: they teach nothing)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    group_ids = np.asarray(group_ids)
+    advantages = np.empty_like(rewards)
+    zero_std_groups = 0
+    for group in np.unique(group_ids):
+        members = group_ids == group
+        centred = rewards[members] - rewards[members].mean()
+        zero_std_groups += int(np.all(centred == 0))
+        std = rewards.std() if global_std else rewards[members].std()
+        advantages[members] = centred / (std + epsilon)
+    return advantages, zero_std_groups

@@ -79,6 +79,9 @@ class Algorithm(Plugin):
     kind = "algorithm"
     needs_log_probs: ClassVar[bool] = True
     """Whether the algorithm uses per-step log-probabilities (then sampling with eta=0 is refused)."""
+    keeps_groups_together: ClassVar[bool] = False
+    """Whether training needs a group's members in one minibatch at one step (pairwise losses); then
+    `train.batch_size` must be a multiple of the group size."""
     needs_reference: ClassVar[bool] = False
     """Whether the algorithm uses the pretrained model (`run.model.reference()`); the trainer then prepares it
     before training (a frozen copy of the denoiser when all its weights are trained)."""
@@ -90,8 +93,13 @@ class Algorithm(Plugin):
     (e.g. {"digits": {...}}: the settings under which it learns on the embedded demo)."""
 
     def group_size(self) -> int:
-        """How many trajectories share a prompt and an initial noise (2 for pairwise methods)."""
+        """How many trajectories share a prompt (and an initial noise, see `shares_group_noise`): 2 for
+        pairwise methods, GRPO's group size."""
         return 1
+
+    def shares_group_noise(self) -> bool:
+        """Whether the members of a group start from the same initial noise."""
+        return True
 
     def setup(self, run: Run) -> None:
         """Create extra trained modules (`run.register_module`); called once on every rank before the first

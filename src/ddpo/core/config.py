@@ -18,6 +18,7 @@ import pydantic
 import yaml
 
 from ddpo.core.errors import UsageError
+from ddpo.core.multireward import expand_reward_sum
 
 PLUGIN_SECTIONS = {"algorithm": "algorithms", "reward": "rewards", "model": "models", "prompts": "prompts"}
 
@@ -82,10 +83,28 @@ class AdvantageConfig(Section):
 
 
 class EvalConfig(Section):
-    rewards: list[str] = []
-    """Other reward plugins to score each epoch's samples with (cross-reward evaluation), logged as eval/<name>/mean."""
+    rewards: list[str | PluginSection] = []
+    """Other rewards to score samples with (cross-reward evaluation): names, or sections with options
+    ({name: digit, target: 3}); logged as eval/<label>/mean, the label being the name, followed by
+    ':key=value,...' for the options given."""
     every: int = pydantic.Field(1, ge=1)
     """Evaluate every N epochs."""
+    num_steps: int | None = pydantic.Field(None, ge=1)
+    """Denoising steps of a separate evaluation sampling: a fixed set of prompts and seeds (the same every
+    epoch, sample.batch_size images per process), scored by the training reward and every eval reward; unset:
+    the eval rewards score the epoch's training samples."""
+
+    def sections(self) -> list[PluginSection]:
+        """Every eval reward as a plugin section."""
+        return [PluginSection(name=entry) if isinstance(entry, str) else entry for entry in self.rewards]
+
+
+def eval_label(section: PluginSection) -> str:
+    """The tag label of an eval reward: its name, then ':key=value,...' for the options given."""
+    options = section.options()
+    if not options:
+        return section.name
+    return section.name + ":" + ",".join(f"{key}={value}" for key, value in sorted(options.items()))
 
 
 class RunConfig(Section):
@@ -222,7 +241,7 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
         user = merge(user, load_config_file(config_file))
     for assignment in sets:
         user = merge(user, parse_set(assignment))
-    user = merge(user, _drop_none(flags or {}))
+    user = expand_reward_sum(merge(user, _drop_none(flags or {})))  # --reward a+b: the multi reward
 
     defaults = RunConfig().model_dump(mode="json")
     chosen = validate_run_config(merge(defaults, user))
@@ -242,8 +261,14 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
             raise UsageError(describe_validation_error(error, cls.Options, prefix=section, extra_valid=["name"])
                              + f" (options of {kind.rstrip('s')} '{plugin_section.name}')") from None
         setattr(config, section, PluginSection(name=plugin_section.name, **options.model_dump(mode="json")))
-    for name in config.eval.rewards:
-        registry.get("rewards", name)
+    for index, section in enumerate(config.eval.sections()):
+        cls = registry.get("rewards", section.name)
+        try:
+            cls.Options.model_validate(section.options())
+        except pydantic.ValidationError as error:
+            raise UsageError(describe_validation_error(error, cls.Options, prefix=f"eval.rewards[{index}]",
+                                                       extra_valid=["name"])
+                             + f" (options of reward '{section.name}')") from None
     _check_consistency(config, algorithm_cls(config.algorithm.options()))
     return config
 
@@ -259,10 +284,15 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
         raise UsageError(f"sample.eta=0 makes DDIM sampling deterministic, so algorithm '{algorithm.name}' has no "
                          "log-probabilities to train on; use sample.eta > 0 (1.0 is standard)")
     group = algorithm.group_size()
-    if config.sample.batch_size % group:
+    per_process = config.sample.batch_size * config.sample.batches_per_epoch
+    if group <= config.sample.batch_size and config.sample.batch_size % group:
         raise UsageError(f"sample.batch_size={config.sample.batch_size} must be a multiple of algorithm "
                          f"'{algorithm.name}' group size {group}")
-    if config.train.batch_size % group:
+    if group > config.sample.batch_size and per_process % group and group % per_process:
+        raise UsageError(f"algorithm '{algorithm.name}' group size {group} spans batches: samples per process "
+                         f"(sample.batch_size x sample.batches_per_epoch = {per_process}) must be a multiple or a "
+                         f"divisor of it")
+    if algorithm.keeps_groups_together and config.train.batch_size % group:
         raise UsageError(f"train.batch_size={config.train.batch_size} must be a multiple of algorithm "
                          f"'{algorithm.name}' group size {group} (a group trains in one minibatch)")
     samples = config.sample.batch_size * config.sample.batches_per_epoch

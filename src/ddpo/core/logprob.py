@@ -173,3 +173,55 @@ def ddpm_step_with_logprob(
         std = variance.sqrt() if variance_type == "fixed_small" else torch.exp(0.5 * variance.log())
     std = torch.where(_per_sample(timesteps, sample32) > 0, std, torch.zeros_like(std))
     return _finish_step(mean, std, prev_sample, generator, sample.dtype)
+
+
+def flow_sde_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: float | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prev_timestep: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rectified-flow step as an SDE with the ODE's marginals (Flow-GRPO, DESIGN.md §7), plus the
+    log-probability of its outcome.
+
+    With σ = t / num_train_timesteps, σ' the same of the step's target, dt = σ' − σ < 0 and v the velocity:
+        std = η sqrt(σ / (1 − σ))            (at σ = 1, where this is infinite, 1 − σ' stands for 1 − σ)
+        μ   = x (1 + std² dt / (2σ)) + v (1 + std² (1 − σ) / (2σ)) dt
+        x'  = μ + std sqrt(−dt) z
+    η = 0 is the scheduler's deterministic Euler step x + v dt.
+
+    Args:
+        scheduler: a `diffusers.FlowMatchEulerDiscreteScheduler` (its `sigmas` after `set_timesteps` when
+            `prev_timestep` is None; its `num_train_timesteps` always).
+        model_output: (B, C, H, W) the velocity v (after guidance).
+        timestep: σ · num_train_timesteps, a float or (B,) tensor (the scheduler's `timesteps` entries).
+        sample: (B, C, H, W) x at σ.
+        noise_level: η.
+        prev_sample, generator: as `ddim_step_with_logprob`.
+        prev_timestep: σ' · num_train_timesteps as recorded when sampling; None: the next entry of the
+            scheduler's schedule.
+
+    Returns:
+        `(prev_sample, log_prob, mean, std)` as `ddim_step_with_logprob`; `std` is the step's whole standard
+        deviation, std_η · sqrt(−dt).
+    """
+    train_steps = scheduler.config.num_train_timesteps
+    sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
+    current = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
+    if prev_timestep is None:
+        schedule = (scheduler.sigmas * train_steps).to(torch.float32)
+        index = (schedule[None, :-1] - current[:, None]).abs().argmin(dim=1)
+        following = schedule[index + 1]
+    else:
+        following = torch.as_tensor(prev_timestep).detach().to("cpu", torch.float32).reshape(-1)
+    sigma = _per_sample(current / train_steps, sample32)
+    sigma_next = _per_sample(following / train_steps, sample32)
+    dt = sigma_next - sigma
+    sigma_for_std = torch.where(sigma >= 1, sigma_next, sigma)
+    std = noise_level * (sigma / (1 - sigma_for_std)).sqrt()
+    mean = sample32 * (1 + std**2 * dt / (2 * sigma)) + output32 * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+    return _finish_step(mean, std * (-dt).sqrt(), prev_sample, generator, sample.dtype)

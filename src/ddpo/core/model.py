@@ -1,8 +1,9 @@
 """The model plugin base class: what the rollout engine and the algorithms ask of a diffusion model.
 
 A model plugin loads its pipeline in `load`, sets `self.denoiser` (the network being trained) and
-`self.scheduler` (a diffusers DDIMScheduler or DDPMScheduler), and implements `encode_prompts`,
-`predict_noise` and `decode`. Stepping with log-probabilities, LoRA, and saving/loading the trained weights
+`self.sampler` (a `ddpo.core.samplers.Sampler`: DDIM, DDPM or the flow-matching SDE, around the pipeline's
+diffusers scheduler, also kept as `self.scheduler`), and implements `encode_prompts`, `predict_noise` and
+`decode`. Stepping with log-probabilities, the reference policy, LoRA, and saving/loading the trained weights
 are shared here. Importing this module does not import torch.
 """
 
@@ -36,6 +37,10 @@ class ModelOptions(Options):
     """Rank of the LoRA adapters."""
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     """Sampler: DDIM with `sample.eta` (1.0 is fully stochastic), or DDPM ancestral steps (eta ignored)."""
+    timestep_spacing: Literal["pipeline", "leading", "trailing", "linspace"] = "pipeline"
+    """Spacing of the DDIM/DDPM sampling timesteps (diffusers' `timestep_spacing`); pipeline: as its scheduler
+    config says. "trailing" ends on t = T/n - 1 instead of 0, so no stochastic step lands on the nearly
+    noiseless alphas_cumprod[0]."""
 
 
 class Model(Plugin):
@@ -55,6 +60,9 @@ class Model(Plugin):
         super().__init__(options)
         self.denoiser = None
         self.scheduler = None
+        """The diffusers scheduler (the schedule's source); stepping goes through `self.sampler`."""
+        self.sampler = None
+        """A `ddpo.core.samplers.Sampler` around `self.scheduler`."""
         self.device = None
         self.autocast = contextlib.nullcontext
         """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
@@ -89,48 +97,39 @@ class Model(Plugin):
     # -- shared mechanics ---------------------------------------------------------------------------
 
     def make_scheduler(self, scheduler_config) -> None:
-        """Set `self.scheduler` from a diffusers scheduler config, by `options.scheduler`."""
+        """Set `self.scheduler` (the diffusers scheduler) and `self.sampler` from a scheduler config, by
+        `options.scheduler` (DDIM or DDPM) and `options.timestep_spacing`."""
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        kind = DDIMScheduler if self.options.scheduler == "ddim" else DDPMScheduler
-        self.scheduler = kind.from_config(scheduler_config)
+        from ddpo.core.samplers import DDIMSampler, DDPMSampler
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor:
-        """Configure the sampler for `num_steps` steps and return its timesteps (T,) int64, first to last."""
-        self.scheduler.set_timesteps(num_steps)
-        return self.scheduler.timesteps.to(self.device)
+        spacing = self.options.timestep_spacing
+        if spacing != "pipeline":
+            scheduler_config = {**scheduler_config, "timestep_spacing": spacing}
+        if self.options.scheduler == "ddim":
+            self.sampler = DDIMSampler(DDIMScheduler.from_config(scheduler_config))
+        else:
+            self.sampler = DDPMSampler(DDPMScheduler.from_config(scheduler_config))
+        self.scheduler = self.sampler.scheduler
+
+    def set_timesteps(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Configure the sampler for `num_steps` steps: `(timesteps, prev_timesteps)`, each (T,), first to
+        last — each step's time and the time it lands on, which the rollout records."""
+        return self.sampler.set_timesteps(num_steps, self.device)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """x_T for `batch_size` samples: (B, C, H, W) standard normal scaled by the sampler's initial sigma."""
         import torch
 
         noise = torch.randn((batch_size, *self.sample_shape()), generator=generator, dtype=torch.float32)
-        return noise.to(self.device) * self.scheduler.init_noise_sigma
+        return noise.to(self.device) * self.sampler.init_noise_sigma
 
-    def previous_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """(T,) the timestep each of `timesteps` steps to under the current schedule (-1 past the end). The
-        rollout records it, so that recomputing a log-prob never reads the scheduler's mutable state."""
-        from diffusers import DDIMScheduler
-
-        from ddpo.core.logprob import ddim_previous_timestep, ddpm_previous_timestep
-
-        previous = (ddim_previous_timestep if isinstance(self.scheduler, DDIMScheduler)
-                    else ddpm_previous_timestep)(self.scheduler, timesteps)
-        return previous.clamp(min=-1).to(timesteps.device)
-
-    def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor, eta: float,
-             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             prev_timesteps: torch.Tensor | None = None):
-        """One sampler step with its log-probability: `(prev_sample, log_prob, mean, std)` (see core.logprob)."""
-        from diffusers import DDIMScheduler
-
-        from ddpo.core.logprob import ddim_step_with_logprob, ddpm_step_with_logprob
-
-        if isinstance(self.scheduler, DDIMScheduler):
-            return ddim_step_with_logprob(self.scheduler, model_output, timesteps, sample, eta=eta,
-                                          prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
-        return ddpm_step_with_logprob(self.scheduler, model_output, timesteps, sample, prev_sample=prev_sample,
-                                      generator=generator, prev_timestep=prev_timesteps)
+    def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, prev_timesteps: torch.Tensor,
+             sample: torch.Tensor, eta: float, prev_sample: torch.Tensor | None = None,
+             generator: torch.Generator | None = None):
+        """One sampler step with its log-probability: `(prev_sample, log_prob, mean, std)` (see core.samplers)."""
+        return self.sampler.step(model_output, timesteps, prev_timesteps, sample, eta, prev_sample=prev_sample,
+                                 generator=generator)
 
     def step_log_prob(self, transitions: Transitions, eta: float, guidance_scale: float):
         """Log-probability (B,) of each transition's action under the current weights, with gradient; inside
@@ -143,34 +142,19 @@ class Model(Plugin):
                              "ddpo.core.rollout.sample_batch, which records them")
         output = self.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
                                     guidance_scale)
-        _, log_prob, mean, std = self.step(output, transitions.timesteps, transitions.sample, eta,
-                                           prev_sample=transitions.next_sample,
-                                           prev_timesteps=transitions.prev_timesteps)
+        _, log_prob, mean, std = self.step(output, transitions.timesteps, transitions.prev_timesteps,
+                                           transitions.sample, eta, prev_sample=transitions.next_sample)
         return log_prob, mean, std, output
 
-    def denoising_loss(self, original: torch.Tensor, prompt_embeds: torch.Tensor | None,
-                       generator: torch.Generator) -> torch.Tensor:
-        """The model's own training loss on clean states x_0 (B, C, H, W): fresh noise and a uniform timestep
-        per sample, the target by the scheduler's `prediction_type` (epsilon: the noise; v_prediction: the
-        velocity; sample: x_0), no guidance. Returns (B,) float32, the per-sample mean squared error."""
+    def denoising_loss(self, original: torch.Tensor, prompt_embeds, generator: torch.Generator) -> torch.Tensor:
+        """The model's own training loss on clean states x_0 (B, C, H, W): fresh noise and a uniform time per
+        sample, the target as the sampler says (epsilon, v or x_0 by the scheduler's `prediction_type`; the
+        velocity for flow matching), no guidance. Returns (B,) float32, the per-sample mean squared error."""
         import torch
 
-        config = self.scheduler.config
-        batch_size = original.shape[0]
-        noise = torch.randn(original.shape, generator=generator, dtype=torch.float32).to(original.device)
-        timesteps = torch.randint(0, config.num_train_timesteps, (batch_size,), generator=generator)
-        timesteps = timesteps.to(original.device)
         original = original.to(torch.float32)
-        noisy = self.scheduler.add_noise(original, noise, timesteps)
-        if config.prediction_type == "epsilon":
-            target = noise
-        elif config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(original, noise, timesteps)
-        elif config.prediction_type == "sample":
-            target = original
-        else:
-            raise ValueError(f"prediction_type '{config.prediction_type}' is not supported; "
-                             "valid: epsilon, v_prediction, sample")
+        noise = torch.randn(original.shape, generator=generator, dtype=torch.float32).to(original.device)
+        noisy, timesteps, target = self.sampler.denoising_target(original, noise, generator)
         output = self.predict_noise(noisy, timesteps, prompt_embeds, guidance_scale=1.0)
         return ((output - target) ** 2).mean(dim=tuple(range(1, output.ndim)))
 
@@ -231,7 +215,8 @@ class Model(Plugin):
         from peft import LoraConfig
 
         denoiser.requires_grad_(False)
-        config = LoraConfig(r=self.options.lora_rank, lora_alpha=self.options.lora_rank,
+        alpha = getattr(self.options, "lora_alpha", None) or self.options.lora_rank
+        config = LoraConfig(r=self.options.lora_rank, lora_alpha=alpha,
                             init_lora_weights="gaussian", target_modules=list(self.lora_target_modules))
         try:
             if hasattr(denoiser, "add_adapter"):

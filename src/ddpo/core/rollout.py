@@ -15,17 +15,19 @@ import torch
 from ddpo.core.base import PromptSet, Reward
 from ddpo.core.config import SampleConfig
 from ddpo.core.model import Model
+from ddpo.core.multireward import EXTRAS_PREFIX, MultiReward
 from ddpo.core.schema import Trajectory
 
 
 @torch.no_grad()
 def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_steps: int, eta: float,
                  guidance_scale: float, generator: torch.Generator, group_size: int = 1,
-                 first_group_id: int = 0) -> tuple[Trajectory, torch.Tensor]:
+                 first_group_id: int = 0, initial_noise: torch.Tensor | None = None) -> tuple[Trajectory, torch.Tensor]:
     """Sample one batch of trajectories.
 
     Consecutive runs of `group_size` samples share their initial noise x_T (give them the same prompt);
-    they differ only by the noise of the stochastic steps.
+    they differ only by the noise of the stochastic steps. `initial_noise` (B, C, H, W), if given, is x_T
+    instead (then `group_size` only numbers the groups).
 
     Returns:
         The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1].
@@ -34,13 +36,15 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
     if batch_size % group_size:
         raise ValueError(f"batch of {batch_size} is not a multiple of the group size {group_size}")
     prompt_embeds = model.encode_prompts(prompts)
-    timesteps = model.set_timesteps(num_steps)
-    sample = model.initial_noise(batch_size // group_size, generator).repeat_interleave(group_size, dim=0)
+    timesteps, prev_timesteps = model.set_timesteps(num_steps)
+    sample = (model.initial_noise(batch_size // group_size, generator).repeat_interleave(group_size, dim=0)
+              if initial_noise is None else initial_noise.to(model.device))
     states, log_probs, policy_steps = [sample], [], []
-    for timestep in timesteps:
+    for timestep, prev_timestep in zip(timesteps, prev_timesteps, strict=True):
         step_timesteps = timestep.repeat(batch_size)
         output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
-        sample, log_prob, _, std = model.step(output, step_timesteps, sample, eta, generator=generator)
+        sample, log_prob, _, std = model.step(output, step_timesteps, prev_timestep.repeat(batch_size), sample, eta,
+                                              generator=generator)
         stochastic = (std > 0).reshape(-1).expand(batch_size)
         states.append(sample)
         log_probs.append(torch.where(stochastic, log_prob, torch.zeros_like(log_prob)))
@@ -53,7 +57,7 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
         policy_steps=torch.stack(policy_steps, dim=1),
         prompts=list(prompts),
         prompt_metadata=list(metadata),
-        prev_timesteps=model.previous_timesteps(timesteps).repeat(batch_size, 1),
+        prev_timesteps=prev_timesteps.repeat(batch_size, 1),
         prompt_embeds=prompt_embeds,
         group_ids=torch.arange(batch_size, device=sample.device) // group_size + first_group_id,
     )
@@ -81,10 +85,17 @@ def _one_intra_op_thread() -> None:
 
 
 class RolloutEngine:
-    """Samples an epoch's trajectories batch by batch and scores each batch in a worker thread."""
+    """Samples an epoch's trajectories batch by batch and scores each batch in a worker thread.
+
+    Groups (`group_size` k > 1) are the images of one prompt, sampled from one initial noise unless
+    `share_group_noise` is False. A group of at most one batch lives in one batch; a larger group (GRPO's
+    24 images with batches of 8) spans consecutive batches and processes: then every process draws the epoch's
+    prompts and initial noises from the same shared streams and takes its own slice of them.
+    """
 
     def __init__(self, model: Model, reward: Reward, prompt_set: PromptSet, sample_config: SampleConfig,
-                 group_size: int = 1, reward_workers: int = 2, process_index: int = 0):
+                 group_size: int = 1, reward_workers: int = 2, process_index: int = 0, num_processes: int = 1,
+                 share_group_noise: bool = True):
         self.model = model
         self.reward = reward
         self.prompt_set = prompt_set
@@ -92,6 +103,13 @@ class RolloutEngine:
         self.group_size = group_size
         self.process_index = process_index
         """Group ids are numbered from this process's block, so they are unique across processes."""
+        self.num_processes = num_processes
+        self.share_group_noise = share_group_noise
+        if group_size > sample_config.batch_size:
+            total = sample_config.batch_size * sample_config.batches_per_epoch * num_processes
+            if total % group_size:
+                raise ValueError(f"{total} samples per epoch over {num_processes} process(es) do not make whole "
+                                 f"groups of {group_size}")
         self.executor = ThreadPoolExecutor(max_workers=reward_workers, thread_name_prefix="ddpo-reward",
                                            initializer=_one_intra_op_thread)
         self.timeline: list[tuple[str, int, float, float]] = []
@@ -108,13 +126,46 @@ class RolloutEngine:
 
     def _timed_score(self, index: int, images, prompts, metadata) -> torch.Tensor:
         start = time.perf_counter()
-        rewards = score(self.reward, images, prompts, metadata)
+        rewards = (self.reward.score_components(images, prompts, metadata) if isinstance(self.reward, MultiReward)
+                   else score(self.reward, images, prompts, metadata))
         self.timeline.append(("reward", index, start, time.perf_counter()))
         return rewards
 
-    def collect(self, generator: torch.Generator, rng: random.Random,
-                progress=None) -> tuple[Trajectory, torch.Tensor]:
+    def _batches(self, generator: torch.Generator, rng: random.Random, shared_rng: random.Random | None,
+                 shared_generator: torch.Generator | None):
+        """The epoch's batches as (prompts, metadata, initial noise (B, C, H, W), group ids (B,)), lazily."""
+        size, count, group = self.config.batch_size, self.config.batches_per_epoch, self.group_size
+        if group <= size:
+            for index in range(count):
+                prompts, metadata = self.draw_prompts(rng)
+                noise = self.model.initial_noise(size // group if self.share_group_noise else size, generator)
+                if self.share_group_noise:
+                    noise = noise.repeat_interleave(group, dim=0)
+                first = (self.process_index * count + index) * (size // group)
+                yield prompts, metadata, noise, torch.arange(size) // group + first
+            return
+        if shared_rng is None or shared_generator is None:
+            raise ValueError(f"groups of {group} span batches of {size}: give collect() the shared streams")
+        local = size * count
+        drawn = [self.prompt_set.sample(shared_rng) for _ in range(local * self.num_processes // group)]
+        group_noise = self.model.initial_noise(len(drawn), shared_generator)
+        for index in range(count):
+            members = torch.arange(size) + self.process_index * local + index * size  # global sample indices
+            groups = members // group
+            prompts = [drawn[g][0] if self.model.conditional else "" for g in groups.tolist()]
+            metadata = [dict(drawn[g][1]) for g in groups.tolist()]
+            noise = (group_noise[groups.to(group_noise.device)] if self.share_group_noise
+                     else self.model.initial_noise(size, generator))
+            yield prompts, metadata, noise, groups
+
+    def collect(self, generator: torch.Generator, rng: random.Random, progress=None,
+                shared_rng: random.Random | None = None,
+                shared_generator: torch.Generator | None = None) -> tuple[Trajectory, torch.Tensor]:
         """Sample and score `batches_per_epoch` batches.
+
+        `generator` and `rng` are this process's streams (step noise, prompts); `shared_rng` and
+        `shared_generator`, the same on every process, draw the prompts and initial noises of groups larger
+        than a batch.
 
         Returns:
             The epoch's trajectories with `rewards` (B,) set, and their images (B, 3, H, W) on the CPU.
@@ -123,14 +174,13 @@ class RolloutEngine:
         parts: list[Trajectory] = []
         images: list[torch.Tensor] = []
         futures: list[Future] = []
-        for index in range(self.config.batches_per_epoch):
-            prompts, metadata = self.draw_prompts(rng)
+        batches = self._batches(generator, rng, shared_rng, shared_generator)
+        for index, (prompts, metadata, noise, group_ids) in enumerate(batches):
             start = time.perf_counter()
             trajectory, batch_images = sample_batch(
                 self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
-                guidance_scale=self.config.guidance_scale, generator=generator, group_size=self.group_size,
-                first_group_id=(self.process_index * self.config.batches_per_epoch + index)
-                * (self.config.batch_size // self.group_size))
+                guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise)
+            trajectory.group_ids = group_ids.to(trajectory.latents.device)
             self.timeline.append(("sample", index, start, time.perf_counter()))
             futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))
             parts.append(trajectory)
@@ -138,7 +188,13 @@ class RolloutEngine:
             if progress is not None:
                 progress.update(1)
         trajectory = Trajectory.cat(parts)
-        trajectory.rewards = torch.cat([future.result() for future in futures]).to(trajectory.latents.device)
+        scores = [future.result() for future in futures]
+        if isinstance(self.reward, MultiReward):  # scores per component; the trainer combines them per epoch
+            components = {label: torch.cat([batch[label] for batch in scores]) for label in scores[0]}
+            trajectory.extras.update({f"{EXTRAS_PREFIX}{label}": values.to(trajectory.latents.device)
+                                      for label, values in components.items()})
+            scores = [self.reward.combine(components, normalize=False)]
+        trajectory.rewards = torch.cat(scores).to(trajectory.latents.device)
         return trajectory, torch.cat(images)
 
     def close(self) -> None:

@@ -37,16 +37,19 @@ class Trajectory:
 
     Attributes:
         latents: (B, T+1, C, H, W) float32, every state of the chain, x_T first, x_0 last.
-        timesteps: (B, T) int64, the timestep of each step.
+        timesteps: (B, T), the model's time input at each step: int64 for DDIM/DDPM, float32 (sigma x
+            num_train_timesteps) for flow matching.
         log_probs: (B, T) float32, log-probability of each step's outcome under the sampling policy
             (per-element mean, DESIGN.md §7); 0 where `policy_steps` is False.
         policy_steps: (B, T) bool, True where the step is a stochastic policy action. Deterministic steps
             (sigma_t = 0) are False and never trained on.
         prompts: B prompt strings (empty strings for unconditional models).
         prompt_metadata: B dicts from the prompt set.
-        prev_timesteps: (B, T) int64, the timestep each step lands on (-1 past the end of the schedule), as
+        prev_timesteps: (B, T), the time each step lands on (-1 past the end of a DDIM/DDPM schedule), as
             recorded when sampling. Recomputing a log-prob uses it, never the scheduler's mutable state.
-        prompt_embeds: (B, L, D) text-encoder output, or None for unconditional models.
+        prompt_embeds: (B, L, D) text-encoder output; or a dict of batch-first tensors for models conditioned on
+            several (SD3: {"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, P)}); None for unconditional
+            models.
         rewards: (B,) float32 training reward, once scored.
         advantages: (B,) or (B, T) float32, once computed.
         group_ids: (B,) int64, trajectories with the same id share a prompt and an initial noise; unique across
@@ -64,7 +67,7 @@ class Trajectory:
     prompts: list[str] = _declare(SAMPLE, required=True)
     prompt_metadata: list[dict] = _declare(SAMPLE, required=True)
     prev_timesteps: torch.Tensor | None = _declare(STEP)
-    prompt_embeds: torch.Tensor | None = _declare(SAMPLE)
+    prompt_embeds: torch.Tensor | dict[str, torch.Tensor] | None = _declare(SAMPLE)
     rewards: torch.Tensor | None = _declare(SAMPLE)
     advantages: torch.Tensor | None = _declare(SAMPLE)  # or per step: (B, T), see `transitions`
     group_ids: torch.Tensor | None = _declare(SAMPLE)
@@ -91,7 +94,13 @@ class Trajectory:
         batch, states = self.latents.shape[:2]
         for item in fields(self):
             value = getattr(self, item.name)
-            if value is None or item.name in ("latents", "extras", "advantages"):
+            if value is None or item.name in ("latents", "advantages"):
+                continue
+            if isinstance(value, dict):
+                for key, tensor in value.items():
+                    if tensor.shape[0] != batch:
+                        raise ValueError(f"Trajectory.{item.name}['{key}'] has shape {tuple(tensor.shape)}, "
+                                         f"expected batch {batch} first")
                 continue
             if isinstance(value, list):
                 if len(value) != batch:
@@ -108,10 +117,6 @@ class Trajectory:
         if self.advantages is not None and tuple(self.advantages.shape) not in ((batch,), (batch, states - 1)):
             raise ValueError(f"Trajectory.advantages has shape {tuple(self.advantages.shape)}, expected "
                              f"({batch},) or ({batch}, {states - 1})")
-        for name, value in self.extras.items():
-            if value.shape[0] != batch:
-                raise ValueError(f"Trajectory.extras['{name}'] has shape {tuple(value.shape)}, expected batch "
-                                 f"{batch} first")
 
     def _map(self, tensor_fn, list_fn) -> Trajectory:
         """A new Trajectory with `tensor_fn` applied to every tensor and `list_fn` to the prompt lists."""
@@ -122,7 +127,8 @@ class Trajectory:
                 changes[item.name] = tensor_fn(value)
             elif isinstance(value, list):
                 changes[item.name] = list_fn(value)
-        changes["extras"] = {name: tensor_fn(value) for name, value in self.extras.items()}
+            elif isinstance(value, dict):
+                changes[item.name] = {key: tensor_fn(tensor) for key, tensor in value.items()}
         return replace(self, **changes)
 
     def to(self, device: torch.device | str) -> Trajectory:
@@ -143,11 +149,11 @@ class Trajectory:
         changes = {}
         for item in fields(first):
             values = [getattr(part, item.name) for part in trajectories]
-            if item.name == "extras":
+            if isinstance(values[0], dict):
                 keys = set(values[0])
-                if any(set(value) != keys for value in values):
-                    raise ValueError("cannot concatenate trajectories with different extras")
-                changes["extras"] = {key: torch.cat([value[key] for value in values]) for key in keys}
+                if any(not isinstance(value, dict) or set(value) != keys for value in values):
+                    raise ValueError(f"cannot concatenate trajectories with different '{item.name}' keys")
+                changes[item.name] = {key: torch.cat([value[key] for value in values]) for key in keys}
             elif all(value is None for value in values):
                 changes[item.name] = None
             elif any(value is None for value in values):
@@ -189,11 +195,12 @@ class Trajectory:
         return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
 
     def training_transitions(self, batch_size: int, generator: torch.Generator, fraction: float = 1.0,
-                             group_size: int = 1) -> Iterator[Transitions]:
+                             group_size: int = 1, steps_outer: bool = False) -> Iterator[Transitions]:
         """DDPO's training order: shuffle the samples, draw each sample's steps in its own random order
         (`shuffled_steps`), then for each minibatch of `batch_size`, yield its transitions step position by
         step position. Yields (B / batch_size) x n transitions of `batch_size` samples.
 
+        With `steps_outer` (TDPO's temporal order) the loops swap: for each step position, every minibatch.
         With `group_size` k > 1 (pairs, GRPO groups), groups are shuffled whole and their members share a step
         order, so rows [j*k, (j+1)*k) of every transitions batch are one group at one step; `batch_size` must
         be a multiple of k."""
@@ -201,7 +208,13 @@ class Trajectory:
             raise ValueError(f"train batch size {batch_size} must be a multiple of the group size {group_size}")
         shuffled = self[self.group_order(generator, group_size)]
         steps = shuffled.shuffled_steps(generator, fraction, group_size)
-        for minibatch, minibatch_steps in zip(shuffled.minibatches(batch_size), steps.split(batch_size), strict=True):
+        pairs = list(zip(shuffled.minibatches(batch_size), steps.split(batch_size), strict=True))
+        if steps_outer:
+            for position in range(steps.shape[1]):
+                for minibatch, minibatch_steps in pairs:
+                    yield minibatch.transitions(minibatch_steps[:, position])
+            return
+        for minibatch, minibatch_steps in pairs:
             for position in range(minibatch_steps.shape[1]):
                 yield minibatch.transitions(minibatch_steps[:, position])
 

@@ -21,13 +21,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 from ddpo.core.advantages import PerPromptStatTracker
 from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ddpo.core.config import RunConfig
+from ddpo.core.config import RunConfig, eval_label
 from ddpo.core.errors import UsageError
 from ddpo.core.images import make_grid, save_png
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
+from ddpo.core.multireward import combine_epoch_rewards
 from ddpo.core.plugins import get_plugin_manager, get_registry
-from ddpo.core.rollout import RolloutEngine, score
+from ddpo.core.rollout import RolloutEngine, sample_batch, score
 from ddpo.core.run import Run, derive_seed
 from ddpo.core.sampling import ensure_device_available
 
@@ -88,7 +89,8 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
     reward: Reward = registry.get("rewards", config.reward.name)(config.reward.options())
     algorithm: Algorithm = registry.get("algorithms", config.algorithm.name)(config.algorithm.options())
     prompt_set: PromptSet = registry.get("prompts", config.prompts.name)(config.prompts.options())
-    eval_rewards = {name: registry.get("rewards", name)() for name in config.eval.rewards}
+    eval_rewards = {eval_label(section): registry.get("rewards", section.name)(section.options())
+                    for section in config.eval.sections()}
 
     model.load(accelerator.device, DTYPES[config.mixed_precision])
     model.configure_training()
@@ -123,7 +125,8 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
     accelerator.wait_for_everyone()
 
     engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
-                           process_index=accelerator.process_index)
+                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                           share_group_noise=algorithm.shares_group_noise())
     hooks.on_run_start(run=run)
     grid_path = None
     try:
@@ -161,7 +164,10 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
         with run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar:
             trajectory, images = engine.collect(
                 run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
-                                                                   "prompts")), progress=bar)
+                                                                   "prompts")), progress=bar,
+                shared_rng=random.Random(derive_seed(config.seed, epoch, "group-prompts")),
+                shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")))
+    component_means = combine_epoch_rewards(run, trajectory)  # a multi reward's per-epoch combination, else {}
     hooks.on_rollout_end(run=run, trajectory=trajectory)
 
     run.gathered_rewards = accelerator.gather(trajectory.rewards.to(accelerator.device)).cpu()
@@ -182,9 +188,12 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
 
     rewards = run.gathered_rewards
     scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
-               "reward/min": rewards.min(), "reward/max": rewards.max(), **metrics}
-    if run.eval_rewards and epoch % config.eval.every == 0:
-        scalars.update(_evaluate(run, images, trajectory))
+               "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **metrics}
+    if epoch % config.eval.every == 0:
+        if config.eval.num_steps is not None:
+            scalars.update(_evaluate(run, *_evaluation_samples(run), scorers={config.reward.name: run.reward}))
+        elif run.eval_rewards:
+            scalars.update(_evaluate(run, images, trajectory.prompts, trajectory.prompt_metadata))
     seconds = time.perf_counter() - started
     scalars.update({"perf/epoch_seconds": seconds, "perf/samples_per_second": len(rewards) / seconds,
                     "perf/peak_memory_mb": _peak_memory_mb(accelerator.device)})
@@ -198,14 +207,29 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     return record, grid_path
 
 
-def _evaluate(run: Run, images: torch.Tensor, trajectory) -> dict[str, float]:
-    """Score the epoch's images with every evaluation reward; means over all processes."""
+def _evaluation_samples(run: Run) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Sample the fixed evaluation set: `sample.batch_size` images per process from the same prompts and seeds
+    every epoch, with `eval.num_steps` steps. Returns the images and their prompts and metadata."""
+    config = run.config
+    seed = derive_seed(config.seed, run.accelerator.process_index, "evaluation")
+    engine = RolloutEngine(run.model, run.reward, run.prompt_set, config.sample)
+    prompts, metadata = engine.draw_prompts(random.Random(seed))
+    engine.close()
+    run.model.denoiser.eval()
+    _, images = sample_batch(run.model, prompts, metadata, num_steps=config.eval.num_steps, eta=config.sample.eta,
+                             guidance_scale=config.sample.guidance_scale, generator=torch.Generator().manual_seed(seed))
+    return images.cpu(), prompts, metadata
+
+
+def _evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+              scorers: dict | None = None) -> dict[str, float]:
+    """Score images with every evaluation reward (and `scorers`); means over all processes."""
     results = {}
     size = run.config.sample.batch_size
-    for name, scorer in run.eval_rewards.items():
+    for label, scorer in {**(scorers or {}), **run.eval_rewards}.items():
         values = torch.cat([
-            score(scorer, images[start:start + size].to(run.accelerator.device), trajectory.prompts[start:start + size],
-                  trajectory.prompt_metadata[start:start + size])
+            score(scorer, images[start:start + size].to(run.accelerator.device), prompts[start:start + size],
+                  metadata[start:start + size])
             for start in range(0, len(images), size)])
-        results[f"eval/{name}/mean"] = run.accelerator.gather(values.to(run.accelerator.device)).mean()
+        results[f"eval/{label}/mean"] = run.accelerator.gather(values.to(run.accelerator.device)).mean()
     return results

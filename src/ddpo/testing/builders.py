@@ -69,3 +69,174 @@ def build_tiny_ddpm(directory: str | Path, seed: int = 0, image_size: int = 16) 
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(directory, safe_serialization=True)
     return Path(directory)
+
+
+def _character_clip_tokenizer(model_max_length: int, extra_special_tokens: tuple[str, ...] = ()):
+    """A CLIPTokenizer over printable ASCII characters, built locally (no download)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_path, merges_path = _write_character_vocab(Path(scratch))
+        tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), model_max_length=model_max_length)
+    if extra_special_tokens:
+        tokenizer.add_tokens(list(extra_special_tokens), special_tokens=True)
+    return tokenizer
+
+
+def _write_clip_image_processor_config(directory: Path, image_size: int) -> None:
+    """A CLIP image-processor config (OpenAI's mean/std, bicubic resize of the shortest side, centre crop) at
+    `image_size`; `AutoImageProcessor` loads it with whichever backend is installed."""
+    config = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+              "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+              "do_convert_rgb": True}
+    (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _tiny_clip_vision_config(image_size: int) -> dict:
+    return dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4)
+
+
+def build_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, projection_dim: int = 768) -> Path:
+    """Save a random `CLIPModel` (about 0.1M parameters plus the projections) with its processor (tokenizer and
+    image-processor config) to `directory`, in the layout of a hub CLIP repository.
+
+    `CLIPModel.from_pretrained`, `CLIPVisionModelWithProjection.from_pretrained`, `AutoTokenizer` and
+    `AutoImageProcessor` load it offline. The projection is 768-wide like ViT-L/14's, so the LAION aesthetic
+    MLP fits on top of it.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _character_clip_tokenizer(model_max_length=77)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77,
+                       bos_token_id=tokenizer.convert_tokens_to_ids(START),
+                       eos_token_id=tokenizer.convert_tokens_to_ids(END),
+                       pad_token_id=tokenizer.convert_tokens_to_ids(END), projection_dim=projection_dim)
+    vision_config = dict(_tiny_clip_vision_config(image_size), projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    _write_clip_image_processor_config(directory, image_size)
+    return directory
+
+
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " {% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+"""A chat template giving LLaVA-1.5's conversation format ("USER: <image>\n{question} ASSISTANT:")."""
+
+
+def build_tiny_llava(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random `LlavaForConditionalGeneration` (a tiny CLIP vision tower and a tiny Llama) with a
+    `LlavaProcessor` (character tokenizer with an `<image>` token) to `directory`, loadable offline by
+    `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`. It generates
+    gibberish, deterministically."""
+    from transformers import AutoImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
+        LlavaProcessor
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _character_clip_tokenizer(model_max_length=512, extra_special_tokens=("<image>",))
+    _write_clip_image_processor_config(directory, image_size)
+    image_processor = AutoImageProcessor.from_pretrained(directory)
+    end = tokenizer.convert_tokens_to_ids(END)
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                              bos_token_id=tokenizer.convert_tokens_to_ids(START), eos_token_id=end,
+                              pad_token_id=end)
+    config = LlavaConfig(vision_config=dict(model_type="clip_vision_model", **_tiny_clip_vision_config(image_size)),
+                         text_config=text_config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = end
+    model.generation_config.eos_token_id = end
+    model.save_pretrained(directory, safe_serialization=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_15_CHAT_TEMPLATE)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_text_encoder(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random 3-layer `BertModel` with a character tokenizer to `directory` (AutoModel/AutoTokenizer load
+    it offline): a stand-in for BERTScore's encoder."""
+    from transformers import BertConfig, BertModel
+
+    directory = Path(directory)
+    tokenizer = _character_clip_tokenizer(model_max_length=128)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                 num_attention_heads=4, max_position_embeddings=128,
+                                 pad_token_id=tokenizer.convert_tokens_to_ids(END)))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _character_t5_tokenizer(directory: Path):
+    """A T5 tokenizer over printable ASCII characters (a `tokenizers` Unigram model, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(chr(code), -1.0) for code in range(33, 127)]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(directory)
+    return T5TokenizerFast.from_pretrained(directory)
+
+
+def build_tiny_sd3(directory: str | Path, seed: int = 0, image_size: int = 32, with_t5: bool = True) -> Path:
+    """Save a StableDiffusion3Pipeline with random weights to `directory` (the hub layout of SD3/3.5: transformer,
+    vae, two CLIP text encoders with projection, optionally a T5 encoder, their tokenizers, and a
+    FlowMatchEulerDiscreteScheduler with shift 3). Images are `image_size` pixels, latents 4 x image_size/2."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_path, merges_path = _write_character_vocab(Path(scratch))
+        tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), model_max_length=16)
+        t5_tokenizer = _character_t5_tokenizer(Path(scratch) / "t5") if with_t5 else None
+    torch.manual_seed(seed)
+
+    def clip_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu",
+            bos_token_id=tokenizer.convert_tokens_to_ids(START), eos_token_id=tokenizer.convert_tokens_to_ids(END),
+            pad_token_id=tokenizer.convert_tokens_to_ids(END)))
+
+    text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id)) if with_t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory

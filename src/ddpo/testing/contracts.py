@@ -2,31 +2,66 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 
+import pydantic
 import torch
 
-from ddpo.core.base import PromptSet, Reward
+from ddpo.core.base import Options, PromptSet, Reward
 from ddpo.core.model import Model
 from ddpo.core.rollout import sample_batch, score
 
 
 def check_reward(reward_cls: type[Reward], options: dict[str, Any] | None = None, batch_size: int = 3,
-                 image_size: int = 32) -> torch.Tensor:
-    """Load the reward, score random images (B, 3, H, W) in [0, 1], and return its rewards (B,).
+                 image_size: int = 32, check_import: bool = True) -> torch.Tensor:
+    """Load the reward, score random images (B, 3, H, W) in [0, 1] twice, and return its rewards (B,).
 
-    Fails if the class lacks a name or options model, or if the answer is not B finite floats.
+    Fails if the class lacks a name or an options model that validates `options` and refuses unknown keys, if
+    the answer is not B finite floats, if scoring the same batch again gives other values, or (`check_import`)
+    if importing the module that defines the class imports torch (`ddpo list` must stay light).
     """
     assert reward_cls.name, f"{reward_cls.__qualname__} needs a `name`"
-    reward = reward_cls(options or {})
+    assert isinstance(reward_cls.Options, type) and issubclass(reward_cls.Options, Options), \
+        f"{reward_cls.__qualname__}.Options must subclass ddpo.Options"
+    try:
+        validated = reward_cls.Options.model_validate(options or {})
+    except pydantic.ValidationError as error:
+        raise AssertionError(f"{reward_cls.__qualname__}.Options rejects {options}: {error}") from None
+    try:
+        reward_cls.Options.model_validate({**(options or {}), "no_such_option_": 1})
+    except pydantic.ValidationError:
+        pass
+    else:
+        raise AssertionError(f"{reward_cls.__qualname__}.Options accepts unknown keys; subclass ddpo.Options")
+    reward = reward_cls(validated)
     reward.load(torch.device("cpu"))
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     prompts = ["a cat"] * batch_size
     try:
-        return score(reward, images, prompts, [{} for _ in prompts])
+        first = score(reward, images, prompts, [{} for _ in prompts])
+        again = score(reward, images.clone(), list(prompts), [{} for _ in prompts])
     except RuntimeError as error:
         raise AssertionError(str(error)) from None
+    assert torch.allclose(first, again, rtol=1e-5, atol=1e-6), \
+        f"reward '{reward_cls.name}' is not deterministic: {first.tolist()} then {again.tolist()} for the same batch"
+    if check_import:
+        _check_imports_no_torch(reward_cls.__module__)
+    return first
+
+
+def _check_imports_no_torch(module: str) -> None:
+    """Import `module` in a fresh interpreter (this one's sys.path) and fail if that imported torch."""
+    probe = f"import importlib, sys; importlib.import_module({module!r}); print('TORCH', 'torch' in sys.modules)"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, f"importing {module} failed: {result.stderr.strip()[-500:]}"
+    assert "TORCH False" in result.stdout, \
+        f"importing {module} imports torch; import heavy libraries inside load() or __call__"
 
 
 def check_prompt_set(prompt_set_cls: type[PromptSet], options: dict[str, Any] | None = None,

@@ -8,6 +8,7 @@ offline demo exercises the same path as the real pixel-space models. `scripts/tr
 from __future__ import annotations
 
 from importlib import resources
+from typing import Literal
 
 import ddpo
 from ddpo.plugins.models.ddpm import PixelDDPM
@@ -35,6 +36,11 @@ class Digits(PixelDDPM):
     class Options(PixelDDPM.Options):
         pretrained: str = ""
         """Hub id or local directory of a DDPMPipeline; empty: the digits model shipped in the package."""
+        timestep_spacing: Literal["pipeline", "leading", "trailing", "linspace"] = "trailing"
+        """Spacing of the sampling timesteps. Trailing (999, 949, ..., 49) here: with the pipeline's leading
+        spacing (950, ..., 50, 0) the step 50 -> 0 lands on alphas_cumprod[0] with sigma 0.01, and its
+        log-prob gradient, about 17x any other step's, is noise that swamps the policy gradient (colour drift,
+        runs that collapse on most targets)."""
 
     def pretrained_path(self) -> str:
         return self.options.pretrained or shipped_digits_path()

@@ -1,0 +1,120 @@
+"""Samplers: a schedule of steps, and one Gaussian step with the log-probability of its outcome, computed from
+what the trajectory recorded for that step (its timestep and the one it lands on), never from a scheduler's
+mutable state.
+
+Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow matching, the shift):
+DDIM with eta, DDPM ancestral steps, and the flow-matching SDE of Flow-GRPO (eta is its noise level). The step
+math is in `ddpo.core.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
+for the regression losses (RWR).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ddpo.core.logprob import (
+    ddim_previous_timestep,
+    ddim_step_with_logprob,
+    ddpm_previous_timestep,
+    ddpm_step_with_logprob,
+    flow_sde_step_with_logprob,
+)
+
+
+class Sampler:
+    """A sampler around a diffusers scheduler (`self.scheduler`)."""
+
+    kind = ""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+
+    def set_timesteps(self, num_steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The schedule for `num_steps` steps: `(timesteps, prev_timesteps)`, each (T,), first step first; the
+        model's time input of each step and the time the step lands on (-1 past the end for DDIM/DDPM)."""
+        self.scheduler.set_timesteps(num_steps)
+        timesteps = self.scheduler.timesteps
+        return timesteps.to(device), self._previous(timesteps).to(device)
+
+    def _previous(self, timesteps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
+        """One step with its log-probability: `(prev_sample, log_prob, mean, std)` (see `ddpo.core.logprob`);
+        steps with std 0 are deterministic (log_prob NaN) and never trained on."""
+        raise NotImplementedError
+
+    def denoising_target(self, original: torch.Tensor, noise: torch.Tensor,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the model's own training loss on clean states x_0: `(noisy, timesteps, target)`, a uniformly
+        drawn time per sample, x_t at it, and what the model should predict there."""
+        config = self.scheduler.config
+        timesteps = torch.randint(0, config.num_train_timesteps, (original.shape[0],), generator=generator)
+        timesteps = timesteps.to(original.device)
+        noisy = self.scheduler.add_noise(original, noise, timesteps)
+        if config.prediction_type == "epsilon":
+            target = noise
+        elif config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(original, noise, timesteps)
+        elif config.prediction_type == "sample":
+            target = original
+        else:
+            raise ValueError(f"prediction_type '{config.prediction_type}' is not supported; "
+                             "valid: epsilon, v_prediction, sample")
+        return noisy, timesteps, target
+
+
+class DDIMSampler(Sampler):
+    """DDIM with eta (1.0: as stochastic as DDPM; 0: deterministic, no log-probs)."""
+
+    kind = "ddim"
+
+    def _previous(self, timesteps):
+        return ddim_previous_timestep(self.scheduler, timesteps).clamp(min=-1)
+
+    def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
+        return ddim_step_with_logprob(self.scheduler, model_output, timesteps, sample, eta=eta,
+                                      prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
+
+
+class DDPMSampler(Sampler):
+    """DDPM ancestral steps (the variance is the scheduler's; eta is ignored)."""
+
+    kind = "ddpm"
+
+    def _previous(self, timesteps):
+        return ddpm_previous_timestep(self.scheduler, timesteps)
+
+    def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
+        return ddpm_step_with_logprob(self.scheduler, model_output, timesteps, sample, prev_sample=prev_sample,
+                                      generator=generator, prev_timestep=prev_timesteps)
+
+
+class FlowSDESampler(Sampler):
+    """Rectified-flow models (SD3, FLUX): the ODE's Euler schedule from `FlowMatchEulerDiscreteScheduler`
+    (shift included), stepped as Flow-GRPO's SDE with the same marginals; eta is the noise level (0.7 in
+    Flow-GRPO; 0 is the deterministic Euler step). Timesteps are floats, sigma x num_train_timesteps."""
+
+    kind = "flow-sde"
+
+    def _previous(self, timesteps):
+        sigmas = self.scheduler.sigmas.to(torch.float32)
+        return sigmas[1:len(timesteps) + 1] * self.scheduler.config.num_train_timesteps
+
+    def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
+        return flow_sde_step_with_logprob(self.scheduler, model_output, timesteps, sample, noise_level=eta,
+                                          prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
+
+    def denoising_target(self, original, noise, generator):
+        """Flow matching: x_σ = (1 − σ) x_0 + σ noise with σ uniform, target velocity noise − x_0."""
+        sigma = torch.rand(original.shape[0], generator=generator).to(original.device)
+        shaped = sigma.reshape(-1, *([1] * (original.ndim - 1)))
+        noisy = (1 - shaped) * original + shaped * noise
+        return noisy, sigma * self.scheduler.config.num_train_timesteps, noise - original
+
+
+SAMPLERS = {sampler.kind: sampler for sampler in (DDIMSampler, DDPMSampler, FlowSDESampler)}
