@@ -1,0 +1,413 @@
+"""The model-based rewards (aesthetic, clipscore, pickscore, alignment) on tiny random models saved to disk and
+loaded through the real `from_pretrained` path; the weighted multi-reward; the reward server and `remote`."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ddpo
+from conftest import run_cli
+from ddpo.core.config import resolve_config
+from ddpo.core.errors import UsageError
+from ddpo.core.multireward import MultiReward
+from ddpo.plugins.rewards.aesthetic import MLP_SHAPES, Aesthetic, fetch_weights
+from ddpo.plugins.rewards.alignment import Alignment, bertscore_recall
+from ddpo.plugins.rewards.clip import ClipScore, PickScore
+from ddpo.plugins.rewards.clip_preprocessing import ClipImagePreprocessor
+from ddpo.plugins.rewards.digit import Digit
+from ddpo.plugins.rewards.jpeg import Compressibility
+from ddpo.plugins.rewards.remote import Remote, RemoteRewardError
+from ddpo.cli import main
+from ddpo.cli.serve import RewardServer
+from ddpo.testing import build_tiny_llava, build_tiny_text_encoder, check_reward
+
+CPU = torch.device("cpu")
+PROMPTS = ["a cat", "a dog riding a bike", "a horse"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def random_images(batch=3, height=32, width=32, seed=0):
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+# --- CLIP preprocessing ------------------------------------------------------------------------------------------
+
+def test_tensor_preprocessing_matches_clip_image_processor(tiny_clip):
+    """Resize-shortest-side, centre crop and normalisation on tensors agree with transformers' processor on
+    the same 8-bit images up to bicubic implementation differences (< 0.02 in normalised units, ~1/255 of a
+    pixel value), and exactly when no resize is needed."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_clip)
+    preprocess = ClipImagePreprocessor(processor)
+    for height, width in [(40, 56), (96, 64), (32, 32)]:
+        smooth = torch.nn.functional.interpolate(random_images(2, 8, 8), size=(height, width), mode="bilinear")
+        pixels = (smooth * 255).round().byte()
+        expected = processor(images=[image.permute(1, 2, 0).numpy() for image in pixels],
+                             return_tensors="pt")["pixel_values"]
+        ours = preprocess(pixels.float() / 255)
+        assert ours.shape == expected.shape == (2, 3, 32, 32)
+        tolerance = 0 if (height, width) == (32, 32) else 0.02
+        assert (ours - expected).abs().max() <= tolerance + 1e-6, (height, width)
+
+
+# --- aesthetic ---------------------------------------------------------------------------------------------------
+
+def test_aesthetic_is_the_public_mlp_on_normalised_clip_embeddings(tiny_clip, aesthetic_weights):
+    """The reward equals a float64 hand computation: the full CLIPModel's projected image embedding of the same
+    pixels, L2-normalised, through W7(W6(W4(W2(W0 e + b0) + b2) + b4) + b6) + b7."""
+    from transformers import CLIPModel
+
+    rewards = check_reward(Aesthetic, {"clip_model": str(tiny_clip), "weights": str(aesthetic_weights)})
+    reward = Aesthetic({"clip_model": str(tiny_clip), "weights": str(aesthetic_weights)})
+    reward.load(CPU)
+    images = random_images()  # what check_reward scores
+    clip = CLIPModel.from_pretrained(tiny_clip).double()
+    with torch.no_grad():
+        pixels = reward.preprocess(images).double()
+        embedding = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+    hidden = embedding / embedding.norm(dim=-1, keepdim=True)
+    state = {key: value.double() for key, value in torch.load(aesthetic_weights, weights_only=True).items()}
+    for layer in (0, 2, 4, 6, 7):
+        hidden = hidden @ state[f"layers.{layer}.weight"].T + state[f"layers.{layer}.bias"]
+    torch.testing.assert_close(rewards.double(), hidden.squeeze(1), rtol=1e-4, atol=1e-5)
+    assert rewards.std() > 0
+    embeddings = reward.image_embeddings(images)
+    assert embeddings.shape == (3, 768) and not embeddings.requires_grad
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(3))
+
+
+def test_aesthetic_weights_as_safetensors_or_url_downloaded_once(tiny_clip, aesthetic_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    state = torch.load(aesthetic_weights, weights_only=True)
+    source = tmp_path / "mlp.safetensors"
+    save_file(state, str(source))
+    url = source.as_uri()
+    cached = fetch_weights(url)
+    assert cached.parent == tmp_path / "cache" / "ddpo" / "rewards" and cached.read_bytes() == source.read_bytes()
+    source.unlink()  # the second use reads the cache, not the URL
+    assert fetch_weights(url) == cached
+    images = random_images()
+    scores = {}
+    for weights in (url, str(aesthetic_weights)):
+        reward = Aesthetic({"clip_model": str(tiny_clip), "weights": weights})
+        reward.load(CPU)
+        scores[weights] = reward(images, PROMPTS, [{}] * 3)
+    torch.testing.assert_close(scores[url], scores[str(aesthetic_weights)])
+    with pytest.raises(UsageError, match="cannot download reward weights from file:"):
+        fetch_weights((tmp_path / "missing.pth").as_uri())
+
+
+class PickledObject:
+    """Stands for arbitrary pickled code in a .pth file."""
+
+
+def test_aesthetic_refuses_missing_or_mismatched_weights(tiny_clip, tmp_path):
+    with pytest.raises(UsageError, match="reward weights file not found"):
+        Aesthetic({"clip_model": str(tiny_clip), "weights": str(tmp_path / "none.pth")}).load(CPU)
+    wrong = {key.replace("layers.", "net."): torch.zeros(shape) for key, shape in MLP_SHAPES.items()}
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(UsageError) as error:
+        Aesthetic({"clip_model": str(tiny_clip), "weights": str(tmp_path / "wrong.pth")}).load(CPU)
+    message = str(error.value)
+    assert "\n" not in message and "layers.0.weight (1024, 768)" in message and "layers.7.bias (1,)" in message
+    torch.save({"layers.0.weight": PickledObject()}, tmp_path / "pickled.pth")  # code, not tensors
+    with pytest.raises(UsageError, match="cannot load .*pickled.pth as a weights-only torch file"):
+        Aesthetic({"clip_model": str(tiny_clip), "weights": str(tmp_path / "pickled.pth")}).load(CPU)
+
+
+# --- clipscore / pickscore ---------------------------------------------------------------------------------------
+
+def test_clipscore_and_pickscore_are_scaled_clip_cosines(tiny_clip):
+    """Against CLIPModel's own forward pass: logits_per_image = exp(logit_scale) x cos, so PickScore is its
+    diagonal and CLIPScore 100 x the diagonal / exp(logit_scale)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clipscore = check_reward(ClipScore, {"clip_model": str(tiny_clip)})
+    pickscore = check_reward(PickScore, {"model": str(tiny_clip), "processor": str(tiny_clip)})
+    model = CLIPModel.from_pretrained(tiny_clip).double()
+    tokens = AutoTokenizer.from_pretrained(tiny_clip)(["a cat"] * 3, padding=True, return_tensors="pt")
+    pixels = ClipImagePreprocessor.from_pretrained(str(tiny_clip))(random_images()).double()
+    with torch.no_grad():
+        logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       pixel_values=pixels).logits_per_image.diagonal()
+    torch.testing.assert_close(pickscore.double(), logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(clipscore.double(), 100 * logits / model.logit_scale.exp(), rtol=1e-4, atol=1e-4)
+
+
+def test_clipscore_depends_on_the_prompt(tiny_clip):
+    reward = ClipScore({"clip_model": str(tiny_clip)})
+    reward.load(CPU)
+    images = random_images(1).repeat(3, 1, 1, 1)
+    scores = reward(images, PROMPTS, [{}] * 3)
+    assert len(set(scores.tolist())) == 3
+
+
+# --- alignment ---------------------------------------------------------------------------------------------------
+
+def test_bertscore_recall_matches_a_float64_loop():
+    generator = torch.Generator().manual_seed(0)
+    reference, answer = torch.randn(2, 4, 5, generator=generator), torch.randn(2, 6, 5, generator=generator)
+    weights = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.float32)  # special/padding tokens: 0
+    answer_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    recall = bertscore_recall(reference, weights, answer, answer_mask)
+    for row in range(2):
+        matched = []
+        for i in range(4):
+            if weights[row, i]:
+                r = reference[row, i].double() / reference[row, i].double().norm()
+                matched.append(max(float(r @ (answer[row, j].double() / answer[row, j].double().norm()))
+                                   for j in range(6) if answer_mask[row, j]))
+        assert recall[row].item() == pytest.approx(sum(matched) / len(matched), abs=1e-6)
+
+
+def test_alignment_scores_the_vlm_answer_against_the_prompt(tiny_llava, tiny_encoder):
+    options = {"vlm": str(tiny_llava), "scorer": str(tiny_encoder), "scorer_layer": 2, "max_new_tokens": 6}
+    rewards = check_reward(Alignment, options)
+    reward = Alignment(options)
+    reward.load(CPU)
+    with torch.no_grad():
+        answers = reward.describe(random_images())
+        assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
+        torch.testing.assert_close(rewards, reward.recall(answers, ["The image contains a cat"] * 3))
+        same = reward.recall(["The image contains a cat"], ["The image contains a cat"])
+    assert same.item() == pytest.approx(1.0, abs=1e-5)
+    assert ((rewards > -1) & (rewards < 1)).all()
+    assert reward.vlm_prompt() == "USER: <image>\nwhat is going on in this image? ASSISTANT:"  # chat template
+    reward.processor.chat_template = None
+    assert reward.vlm_prompt() == "USER: <image>\nwhat is going on in this image? ASSISTANT:"  # LLaVA-1.5 format
+
+
+def test_alignment_options_are_checked(tiny_llava, tiny_encoder):
+    with pytest.raises(UsageError, match="no BERTScore layer known"):
+        Alignment({"vlm": str(tiny_llava), "scorer": str(tiny_encoder)}).load(CPU)
+    with pytest.raises(ValueError, match="must contain {prompt}"):
+        Alignment({"reference": "no slot"})
+
+
+# --- check_reward extensions -------------------------------------------------------------------------------------
+
+class Noisy(ddpo.Reward):
+    name = "noisy"
+
+    def __call__(self, images, prompts, metadata):
+        return torch.rand(len(prompts))
+
+
+def test_check_reward_catches_nondeterminism_loose_options_and_torch_at_import(tmp_path, monkeypatch):
+    with pytest.raises(AssertionError, match="not deterministic"):
+        check_reward(Noisy, check_import=False)
+
+    class Loose(ddpo.Reward):
+        name = "loose"
+
+        class Options(ddpo.Options):
+            model_config = {"extra": "allow"}
+
+        def __call__(self, images, prompts, metadata):
+            return images.mean(dim=(1, 2, 3))
+
+    with pytest.raises(AssertionError, match="accepts unknown keys"):
+        check_reward(Loose, check_import=False)
+    (tmp_path / "heavy_reward.py").write_text(textwrap.dedent("""
+        import torch
+        import ddpo
+
+        class Heavy(ddpo.Reward):
+            name = "heavy"
+
+            def __call__(self, images, prompts, metadata):
+                return images.mean(dim=(1, 2, 3))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from heavy_reward import Heavy
+
+    with pytest.raises(AssertionError, match="importing heavy_reward imports torch"):
+        check_reward(Heavy)
+
+
+def test_reward_modules_import_no_torch():
+    probe = textwrap.dedent("""
+        import sys
+        for name in ("aesthetic", "clip", "alignment", "multi", "remote"):
+            __import__(f"ddpo.plugins.rewards.{name}")
+        import ddpo.cli.serve
+        print("HEAVY", sorted(m for m in ("torch", "transformers", "numpy", "PIL") if m in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+# --- weighted multi-reward ---------------------------------------------------------------------------------------
+
+def test_reward_sum_resolves_to_multi_with_validated_components():
+    config = resolve_config(sets=["reward.components.incompressibility.weight=0.5",
+                                  "reward.components.incompressibility.quality=80"],
+                            flags={"reward": {"name": "compressibility+incompressibility"}})
+    assert config.reward.name == "multi"
+    assert config.reward.options()["components"] == {
+        "compressibility": {"reward": "compressibility", "weight": 1.0, "quality": 95},
+        "incompressibility": {"reward": "incompressibility", "weight": 0.5, "quality": 80}}
+    with pytest.raises(UsageError, match=r"invalid value for 'reward.components.digit.target'.*options of reward"):
+        resolve_config(sets=["reward.components.digit.target=12"], flags={"reward": {"name": "digit+legibility"}})
+    with pytest.raises(UsageError, match="unknown reward 'aesthtic'"):
+        resolve_config(flags={"reward": {"name": "aesthtic+digit"}})
+    with pytest.raises(UsageError, match="not one of the summed rewards"):
+        resolve_config(sets=["reward.components.jpeg.weight=2"], flags={"reward": {"name": "digit+legibility"}})
+
+
+def test_multi_combine_z_scores_each_component_then_weights():
+    reward = MultiReward({"components": {"digit": {"weight": 2.0}, "d3": {"reward": "digit", "target": 3,
+                                                                           "weight": -0.5}}})
+    first, second = torch.tensor([0.1, 0.5, 0.9, 0.3]), torch.tensor([4.0, 4.0, 4.0, 4.0])
+    combined = reward.combine({"digit": first, "d3": second})
+    values = first.double().numpy()
+    expected = 2.0 * (values - values.mean()) / values.std()  # the constant component contributes 0
+    np.testing.assert_allclose(combined.numpy(), expected, rtol=1e-6)
+    raw = reward.combine({"digit": first, "d3": second}, normalize=False)
+    np.testing.assert_allclose(raw.numpy(), 2.0 * values - 0.5 * 4.0, rtol=1e-6)
+    direct = check_reward(MultiReward, {"components": {"digit": {}, "legibility": {"weight": 3}}})
+    reward = MultiReward({"components": {"digit": {}, "legibility": {"weight": 3}}})
+    reward.load(CPU)
+    parts = reward.score_components(random_images(), ["a cat"] * 3, [{}] * 3)
+    torch.testing.assert_close(direct, parts["digit"] + 3 * parts["legibility"])
+
+
+# --- reward server and remote ------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def serve_jpeg():
+    """Starts compressibility servers in this process on free ports (stopped after the test)."""
+    servers = []
+
+    def start(**settings):
+        server = RewardServer(Compressibility(), port=0, **settings)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_two_clients_are_batched_and_get_their_own_rewards(serve_jpeg):
+    """Two clients send 3 and 5 images at once; the server (which waits up to 10 s for a batch of 8) scores
+    them in one call and answers each with its own rows."""
+    jpeg_server = serve_jpeg(max_batch=8, batch_window=10.0)
+    direct = Compressibility()
+    batches = {"png": random_images(3, seed=1), "raw": random_images(5, seed=2)}
+    answers, barrier = {}, threading.Barrier(2)
+
+    def client(image_format):
+        remote = Remote({"url": jpeg_server.url, "image_format": image_format, "timeout": 30})
+        remote.load(CPU)
+        barrier.wait(timeout=30)
+        images = batches[image_format]
+        answers[image_format] = remote(images, ["a cat"] * len(images), [{"i": i} for i in range(len(images))])
+
+    threads = [threading.Thread(target=client, args=(name,)) for name in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for name, images in batches.items():  # png is lossless at 8 bits; the JPEG reward rounds to 8 bits too
+        assert answers[name] == pytest.approx(direct(images, [""] * len(images), [{}] * len(images)), abs=1e-6)
+    assert jpeg_server.batch_sizes == [8]  # both requests in one scoring call
+
+
+def test_remote_reward_errors_name_the_url(serve_jpeg):
+    jpeg_server = serve_jpeg(batch_window=0.0)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    dead = Remote({"url": f"http://127.0.0.1:{dead_port}", "retries": 1, "timeout": 5})
+    started = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=rf"127.0.0.1:{dead_port}/health did not answer after 2 attempts"):
+        dead.load(CPU)
+    assert time.perf_counter() - started < 5
+    with socket.socket() as silent:  # accepts connections, never answers: the timeout applies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        slow = Remote({"url": f"http://127.0.0.1:{silent.getsockname()[1]}", "retries": 0, "timeout": 0.5})
+        with pytest.raises(RemoteRewardError, match="did not answer after 1 attempts"):
+            slow(random_images(1), ["x"], [{}])
+    wrong = Remote({"url": jpeg_server.url, "timeout": 10})
+    with pytest.raises(RemoteRewardError, match=rf"{jpeg_server.url}/score answered HTTP 400: bad request"):
+        wrong(random_images(2), ["only one prompt"], [{}])
+
+
+def test_serve_reward_command_serves_and_validates_options(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["serve-reward", "digit", "--set", "reward.target=12", "--port", "0"])
+    stderr = capsys.readouterr().err
+    assert exit_code.value.code == 2 and stderr.count("\n") == 1 and "'reward.target'" in stderr
+    process = subprocess.Popen([sys.executable, "-m", "ddpo", "serve-reward", "digit", "--set", "reward.target=3",
+                                "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        line = process.stdout.readline()  # "serving reward 'digit' on http://127.0.0.1:PORT"
+        assert "serving reward 'digit' on http://127.0.0.1:" in line, process.stderr.read() if not line else line
+        remote = Remote({"url": line.split()[-1], "timeout": 60})
+        remote.load(CPU)
+        assert remote.served == {"reward": "digit", "options": {"target": 3}}
+        direct = Digit({"target": 3})
+        direct.load(CPU)
+        images = random_images(4, 16, 16)
+        expected = direct(images, [""] * 4, [{}] * 4)
+        assert remote(images, [""] * 4, [{}] * 4) == pytest.approx(expected.tolist(), abs=0.02)  # 8-bit png
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# --- every reward in `ddpo run` on a tiny SD pipeline --------------------------------------------------------------
+
+def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_llava, tiny_encoder, serve_jpeg,
+                                    tmp_path):
+    """One run whose reward sums aesthetic, clipscore, pickscore, alignment and remote (all with local weights),
+    so each is loaded and called by the trainer; each is logged as reward/<name>/mean."""
+    jpeg_server = serve_jpeg(batch_window=0.0)
+    components = {
+        "aesthetic": {"clip_model": str(tiny_clip), "weights": str(aesthetic_weights)},
+        "clipscore": {"clip_model": str(tiny_clip)},
+        "pickscore": {"model": str(tiny_clip), "processor": str(tiny_clip)},
+        "alignment": {"vlm": str(tiny_llava), "scorer": str(tiny_encoder), "scorer_layer": 2, "max_new_tokens": 4},
+        "remote": {"url": jpeg_server.url, "timeout": 60},
+    }
+    sets = [f"reward.components.{label}.{key}={value}" for label, options in components.items()
+            for key, value in options.items()]
+    args = ["run", "--reward", "+".join(components), "--model", "sd14", "--set", f"model.pretrained={tiny_sd}",
+            "--epochs", "1", "--set", "sample.num_steps=2", "--set", "sample.batch_size=4",
+            "--set", "sample.batches_per_epoch=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
+            "--logdir", str(tmp_path), "--run-name", "all"]
+    for assignment in sets:
+        args += ["--set", assignment]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
+    for label in components:
+        assert math.isfinite(record[f"reward/{label}/mean"]), label
+    assert record["reward/remote/mean"] < 0  # compressibility: minus the JPEG size
+    assert abs(record["reward/mean"]) < 1e-5  # z-scored components sum to mean 0
+    assert jpeg_server.batch_sizes == [4]
