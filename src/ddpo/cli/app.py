@@ -133,6 +133,12 @@ def build_app() -> typer.Typer:
         if out is not None:
             typer.echo(f"wrote {plot(curves, tag, out)}")
 
+    from ddpo.cli.pairs import pairs_app
+
+    app.add_typer(pairs_app, name="pairs")
+    from ddpo.cli.serve import register as register_serve_reward
+
+    register_serve_reward(app)
     get_plugin_manager().hook.register_commands(app=app)
     return app
 
