@@ -1,10 +1,14 @@
-"""Value baselines over denoising states: V(x_t, prompt, step) predicts the final reward of a trajectory from
-one of its intermediate states, so that r − V is a lower-variance advantage than r.
+"""Critics over denoising states: value models that predict the final reward of a trajectory from one of its
+intermediate states, so that r − V is a lower-variance advantage than r. Algorithms create them in `setup`
+and register them with `run.register_module`, which trains, syncs and checkpoints them.
 
-`StepValueNetwork` is the critic of DPOK (Fan et al. 2023, official code `ValueMulti`): the flattened state
-concatenated with a prompt embedding, through linear layers whose outputs are gated by a learned embedding of
-the step index, then one linear output. It is an ordinary `nn.Module`: an algorithm creates it in `setup` and
-registers it with `run.register_module`, which trains, syncs and checkpoints it.
+- `StepValueNetwork` is DPOK's value baseline (Fan et al. 2023, official code `ValueMulti`): V(x_t, c, step),
+  the flattened state concatenated with a prompt embedding, through linear layers gated by a learned
+  embedding of the step index, then one linear output.
+- `TemporalCriticHead` is TDPO-R's temporal critic (Zhang et al. 2024): V(features of x_t) only — no step, no
+  prompt — an MLP in→1024→128→64→16→1 without activations on `CriticFeatures` (the decoded state's CLIP
+  embedding, or its pixels through a small conv stem), whose neurons `ddpo.core.neurons` scores and resets.
+- `clipped_value_loss` and `explained_variance` are what any critic's training and logging share.
 """
 
 from __future__ import annotations
@@ -65,3 +69,126 @@ class StepValueNetwork(nn.Module):
         for layer in self.layers:
             hidden = torch.relu(layer(hidden, steps))
         return self.output(hidden).squeeze(-1)
+
+
+class TemporalCriticHead(nn.Module):
+    """TDPO-R's critic head V(features of x_t) -> (B,): Linear in→1024 – Dropout 0.2 – 1024→128 – Dropout 0.2 –
+    128→64 – Dropout 0.1 – 64→16 – 16→1, no activations (the LAION aesthetic predictor's shape), weights
+    N(0, std 1/(in+1)), biases 0. With `pixel_shape` (C, H, W) given, a small conv stem reads the decoded
+    state's pixels (flattened in the features) and feeds the head instead.
+
+    Args:
+        feature_dim: F, the width of the stored features (B, F).
+        pixel_shape: (C, H, W) when the features are flattened pixels; None for embeddings (CLIP).
+    """
+
+    def __init__(self, feature_dim: int, pixel_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        self.pixel_shape = pixel_shape
+        self.stem = None
+        width = feature_dim
+        if pixel_shape is not None:
+            channels = pixel_shape[0]
+            self.stem = nn.Sequential(nn.Conv2d(channels, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                                      nn.Flatten())
+            width = 32 * 4 * 4
+        self.mlp = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                 nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=1 / (layer.in_features + 1))
+                nn.init.zeros_(layer.bias)
+
+    def mlp_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads for features (B, F): the features, or the conv stem's output on the pixels."""
+        features = features.float()
+        if self.stem is None:
+            return features
+        return self.stem(features.reshape(features.shape[0], *self.pixel_shape))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Values (B,) float32 for features (B, F)."""
+        return self.mlp(self.mlp_inputs(features)).squeeze(-1)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_range: float) -> torch.Tensor:
+    """PPO's clipped value loss 0.5 · mean(max((V − R)², (clip(V, V_old ± ε) − R)²)) over (B,) values."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R): 1 is a perfect critic, 0 no better than a constant, negative worse."""
+    variance = returns.float().var(unbiased=False)
+    if variance == 0:
+        return float("nan")
+    return float(1 - (returns.float() - values.float()).var(unbiased=False) / variance)
+
+
+PIXEL_SIDE = 32
+"""Decoded states are resized to at most this many pixels a side for the `pixels` critic features."""
+
+
+class CriticFeatures:
+    """What a temporal critic reads of a state x_t, computed once per epoch right after sampling (training never
+    decodes again): the decoded image's L2-normalised CLIP embedding (`clip`, TDPO-R's input; the training
+    reward's CLIP is shared when the reward is `aesthetic` with the same `clip_model`), or its pixels, resized to
+    at most 32 x 32 (`pixels`, for offline and CPU runs).
+
+    Args:
+        kind: "clip" or "pixels".
+        clip_model: hub id or local directory of the CLIP whose vision tower embeds (kind "clip").
+    """
+
+    def __init__(self, kind: str, clip_model: str = ""):
+        self.kind = kind
+        self.clip_model = clip_model
+        self.embed = None
+        self.pixel_shape: tuple[int, int, int] | None = None
+        self.feature_dim = 0
+        """F, known after `load`."""
+
+    def load(self, model, reward, device: torch.device) -> None:
+        """Prepare the feature extractor for `model`'s states; reuse `reward`'s CLIP when it has the same one."""
+        if self.kind == "pixels":
+            side = min(PIXEL_SIDE, model.decode(model.initial_noise(1, torch.Generator().manual_seed(0))).shape[-1])
+            self.pixel_shape = (3, side, side)
+            self.feature_dim = 3 * side * side
+            return
+        if getattr(reward, "image_embeddings", None) is not None and \
+                getattr(reward.options, "clip_model", None) == self.clip_model:
+            self.embed = reward.image_embeddings
+        else:
+            self.embed = self._load_clip(device)
+        self.feature_dim = self.embed(torch.zeros(1, 3, 32, 32)).shape[1]
+
+    def _load_clip(self, device: torch.device):
+        import transformers
+
+        from ddpo.plugins.rewards.clip_preprocessing import ClipImagePreprocessor, quiet_loading
+
+        with quiet_loading():
+            vision = transformers.CLIPVisionModelWithProjection.from_pretrained(self.clip_model).to(device).eval()
+        preprocess = ClipImagePreprocessor.from_pretrained(self.clip_model)
+
+        @torch.no_grad()
+        def embed(images):
+            embeddings = vision(pixel_values=preprocess(images.to(device))).image_embeds.float()
+            return torch.nn.functional.normalize(embeddings, dim=-1)
+
+        return embed
+
+    @torch.no_grad()
+    def __call__(self, model, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Features (N, F) float32 of states (N, C, H, W), decoded `chunk` at a time."""
+        parts = []
+        for start in range(0, states.shape[0], chunk):
+            images = model.decode(states[start:start + chunk])
+            if self.kind == "pixels":
+                images = torch.nn.functional.interpolate(images, size=self.pixel_shape[1:], mode="area")
+                parts.append(images.flatten(1).float().cpu())
+            else:
+                parts.append(self.embed(images).float().cpu())
+        return torch.cat(parts).to(states.device)
