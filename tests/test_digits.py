@@ -60,12 +60,15 @@ def test_blank_and_noise_images_do_not_score_as_a_digit(classifier):
 
 
 def test_short_default_run_raises_the_target_probability(tmp_path):
-    """A few epochs of the embedded default (ddpo-is, digit reward with target 0, digits model)."""
-    result = run_cli("run", "--epochs", "8", "--seed", "0", "--logdir", str(tmp_path), "--run-name", "demo")
+    """A few epochs of the embedded default (ddpo-is, digits model) on a target other than 0, which the old
+    recipe collapsed on (seed 0, one thread: 0.14 0.09 0.22 0.19 0.29 0.40 0.57 0.65, legibility >= 0.93)."""
+    result = run_cli("run", "--epochs", "8", "--seed", "0", "--set", "reward.target=3",
+                     "--set", "eval.rewards=[legibility]", "--logdir", str(tmp_path), "--run-name", "demo")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [record["reward/mean"] for record in records]
-    assert rewards[-1] > rewards[0] + 0.25 and rewards[-1] > 0.3, rewards
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.25 and rewards[-1] > 0.3, rewards
+    assert min(record["eval/legibility/mean"] for record in records) > 0.85  # still clean digits
     assert "tensorboard --logdir" in result.stderr and "final samples:" in result.stderr
 
     checkpoint = tmp_path / "demo" / "checkpoints" / "epoch_0008"

@@ -109,6 +109,18 @@ TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "
         "--set", "train.batch_size=4", "--set", "train.grad_accum=1"]
 
 
+def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(tmp_path):
+    # digits defaults of tdpo-r (pixel features). Seed 0: 0.14 0.06 0.10 0.05 0.08 0.20 0.16 0.17 0.23 0.41 0.30
+    # 0.63, legibility 0.94-0.99, explained variance up to 0.15 before the reset at epoch 10.
+    result = run_cli("run", "--algo", "tdpo-r", "--set", "reward.target=3", "--epochs", "12", "--logdir",
+                     str(tmp_path), "--run-name", "learn")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "learn")
+    rewards = [record["reward/mean"] for record in records]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    assert max(record["critic/explained_variance"] for record in records) > 0.05, records
+
+
 def test_tdpo_r_resumes_exactly_with_its_critic_and_reset_schedule(tmp_path):
     args = ["--algo", "tdpo-r", *TINY, "--set", "algorithm.reset_every=2", "--set", "reward.target=3"]
     full = run_cli("run", *args, "--epochs", "3", "--logdir", str(tmp_path), "--run-name", "full")

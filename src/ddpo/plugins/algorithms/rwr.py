@@ -73,7 +73,7 @@ class RewardWeightedRegression(ddpo.Algorithm):
         "digits": {
             "epochs": 30,
             "sample": {"batches_per_epoch": 2},
-            "train": {"inner_epochs": 2, "learning_rate": 3e-4},
+            "train": {"batch_size": 32, "inner_epochs": 2, "learning_rate": 3e-4},
             "algorithm": {"name": "rwr", "temperature": 0.1},
         },
     }
@@ -142,7 +142,7 @@ class SparseRewardWeightedRegression(RewardWeightedRegression):
     }
     model_run_defaults = {  # as RWR's; the 90th percentile of 64 samples keeps about 7
         "digits": {"epochs": 30, "sample": {"batches_per_epoch": 2},
-                   "train": {"inner_epochs": 2, "learning_rate": 3e-4}},
+                   "train": {"batch_size": 32, "inner_epochs": 2, "learning_rate": 3e-4}},
     }
 
     class Options(ddpo.Options):
