@@ -237,7 +237,7 @@ def test_advantages_from_a_hook_are_clipped_and_the_first_ratio_is_exactly_one(t
     plugin = hook_plugin(tmp_path / "plugin")
     result = run_cli("run", "--epochs", "2", "--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1",
                      "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "sample.num_steps=4",
-                     "--set", "advantage.clip_max=3", "--logdir", str(tmp_path), "--run-name", "hooked",
+                     "--set", "advantage.clip_max=3", "--set", "algorithm.clip_range=1e-4", "--logdir", str(tmp_path), "--run-name", "hooked",
                      env={"PYTHONPATH": str(plugin)})
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "hooked" / "metrics.jsonl").read_text().splitlines()]
