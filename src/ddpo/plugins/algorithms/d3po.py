@@ -126,6 +126,7 @@ class D3PO(ddpo.Algorithm):
 
     name = "d3po"
     needs_reference = True
+    keeps_groups_together = True
     run_defaults = {
         "sample": {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0, "batch_size": 20, "batches_per_epoch": 2},
         "train": {"learning_rate": 3e-5, "batch_size": 2, "grad_accum": 1, "timestep_fraction": 1.0},
