@@ -40,6 +40,16 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
+    """The saved config of the run a checkpoint directory (RUN/checkpoints/epoch_NNNN) belongs to, if any."""
+    if checkpoint is None:
+        return None
+    if not checkpoint.is_dir():
+        raise UsageError(f"checkpoint directory not found: {checkpoint}")
+    run_config = checkpoint.parent.parent / "config.yaml"
+    return yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(name="ddpo", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Fine-tune diffusion models with reinforcement learning. "
@@ -106,13 +116,8 @@ def build_app() -> typer.Typer:
         """Sample images from a model (a checkpoint's fine-tuned weights, or the base model) into a grid PNG."""
         if out.suffix.lower() != ".png":
             raise UsageError(f"--out must be a .png file, got '{out}'")
-        base = None
-        if checkpoint is not None:
-            if not checkpoint.is_dir():
-                raise UsageError(f"checkpoint directory not found: {checkpoint}")
-            run_config = checkpoint.parent.parent / "config.yaml"
-            base = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
-        resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device), base=base)
+        resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device),
+                                  base=_checkpoint_config(checkpoint))
         from ddpo.core.sampling import sample_grid
 
         path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
-from ddpo.cli.app import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, _flags
+from ddpo.cli.app import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, _checkpoint_config, _flags
 from ddpo.core.config import RunConfig, resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.plugins.algorithms.d3po import EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE
@@ -126,12 +125,7 @@ def export(out: Annotated[Path, typer.Option("--out", help="Directory to write t
     """Sample pairs (same prompt, same initial noise) with d3po's sampler settings for people to label."""
     if (out / EXPORT_FILE).exists():
         raise UsageError(f"{out} already holds a pair export; choose another --out")
-    base = None
-    if checkpoint is not None:
-        if not checkpoint.is_dir():
-            raise UsageError(f"checkpoint directory not found: {checkpoint}")
-        run_config = checkpoint.parent.parent / "config.yaml"
-        base = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
-    resolved = resolve_config(config, set_ or [], _flags("d3po", model=model, seed=seed, device=device), base=base)
+    resolved = resolve_config(config, set_ or [], _flags("d3po", model=model, seed=seed, device=device),
+                              base=_checkpoint_config(checkpoint))
     export_pairs(resolved, out, num, checkpoint)
     typer.echo(f"wrote {num} pairs to {out}; label them as {out / README_FILE} says")
