@@ -88,3 +88,36 @@ def test_per_prompt_stat_tracker_matches_a_hand_computation():
 def test_batch_advantages_are_standardised():
     advantages = batch_advantages(np.array([1.0, 2.0, 3.0, 6.0]))
     assert advantages.mean() == pytest.approx(0) and advantages.std() == pytest.approx(1, abs=1e-5)
+
+
+def kl_to_reference(model, trajectory, config):
+    """Mean Gaussian KL per element from the model's step distributions to the pretrained model's, over the
+    trajectory's policy steps (the deterministic last step has no distribution)."""
+    from ddpo.core.policy import gaussian_kl, reference_step
+
+    values = []
+    with torch.no_grad():
+        for step in range(trajectory.num_steps):
+            transitions = trajectory.transitions(torch.full((trajectory.batch_size,), step))
+            _, mean, std, _ = model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
+            reference_mean, _ = reference_step(model, transitions, config.sample.eta, config.sample.guidance_scale)
+            values.append(gaussian_kl(mean, reference_mean, std)[trajectory.policy_steps[:, step]])
+    return torch.cat(values).mean().item()
+
+
+def test_ddpo_is_kl_weight_holds_the_policy_near_the_pretrained_model(tiny_ddpm, tmp_path):
+    """The optional KL term (off by default: DDPO as published) pulls reward-blind directions back: the same
+    update with a large weight ends nearer the reference than without it."""
+    assert not DDPOImportanceSampling().needs_reference
+    distances = {}
+    for weight in (0.0, 50.0):
+        algorithm = DDPOImportanceSampling({"clip_range": 0.2, "kl_weight": weight})
+        run, trajectory = make_run(tiny_ddpm, algorithm, tmp_path / str(weight), learning_rate=1e-3, batch_size=2,
+                                   grad_accum=1)
+        run.model.prepare_reference()
+        assert kl_to_reference(run.model, trajectory, run.config) == 0.0  # the reference is the starting policy
+        trajectory.advantages = torch.linspace(-1, 1, 8)
+        metrics = run.algorithm.update(run, trajectory)
+        assert ("loss/kl" in metrics) == (weight > 0) and metrics["train/optimizer_steps"] == 4
+        distances[weight] = kl_to_reference(run.model, trajectory, run.config)
+    assert 0 < distances[50.0] < 0.7 * distances[0.0], distances

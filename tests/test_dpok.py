@@ -13,8 +13,9 @@ from ddpo.core.config import resolve_config
 from ddpo.core.critic import StepValueNetwork
 from ddpo.core.errors import UsageError
 from ddpo.core.rollout import sample_batch
+from ddpo.core.policy import gaussian_kl
 from ddpo.core.run import Run
-from ddpo.plugins.algorithms.dpok import DPOK, dpok_loss, eps_mse_kl, gaussian_kl
+from ddpo.plugins.algorithms.dpok import DPOK, dpok_loss, eps_mse_kl
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd import StableDiffusion
 

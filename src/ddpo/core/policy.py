@@ -22,6 +22,21 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     return torch.maximum(-advantages * ratio, -advantages * clipped).mean(), ratio
 
 
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL (B,) between N(mean, std²) and N(reference_mean, std²) per element, averaged over elements (the scale of
+    the per-element-mean log-probs): mean((mean − reference_mean)² / (2 std²)). `mean`, `reference_mean`
+    (B, C, H, W); `std` (B|1, 1, 1, 1)."""
+    return ((mean - reference_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+
+
+def reference_step(model, transitions, eta: float, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained model's answer for the same transitions, without gradient: `(mean, model_output)` of its
+    step (the algorithm must set `needs_reference` so that the trainer prepares the reference)."""
+    with torch.no_grad(), model.reference():
+        _, mean, _, model_output = model.step_log_prob(transitions, eta, guidance_scale)
+    return mean, model_output
+
+
 class EpochStatistics:
     """Per-micro-step scalars of an update, summarised as epoch means, plus the ratio checks."""
 

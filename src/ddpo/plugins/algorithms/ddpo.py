@@ -15,6 +15,11 @@ trainer, and every denoising step of a trajectory shares its trajectory's advant
   ratio and one gradient step per round of sampling: the whole epoch's samples make one optimizer step.
 
 Log-probabilities are per-element means (DESIGN.md §7), the scale the clip range 1e-4 is calibrated to.
+
+Not in the paper: DDPO-IS takes an optional KL penalty to the pretrained model, DPOK's Gaussian form
+(Fan et al. 2023) on each trained step, L += beta mean(KL(p_theta(. | x_t) || p_pre(. | x_t))). With beta = 0 (the
+default) there is no reference pass and the loss is the paper's. Features the reward cannot see (the colour of
+the digits demo's grey digits) get no policy gradient, only noise; the KL pulls them back to the base model.
 """
 
 from __future__ import annotations
@@ -32,9 +37,16 @@ class DDPOImportanceSampling(ddpo.Algorithm):
     class Options(ddpo.Options):
         clip_range: float = pydantic.Field(1e-4, gt=0)
         """PPO clip range epsilon on the per-step likelihood ratio (paper: 1e-4)."""
+        kl_weight: float = pydantic.Field(0.0, ge=0)
+        """Weight beta of the KL to the pretrained model on each step's Gaussian (DPOK's term, not in DDPO; 0 skips
+        the reference pass)."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.options.kl_weight > 0
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, reference_step
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
@@ -48,12 +60,19 @@ class DDPOImportanceSampling(ddpo.Algorithm):
                         config.train.batch_size, generator, config.train.timestep_fraction)):
                     first_minibatch = inner_epoch == 0 and index < steps_per_sample
                     with accumulator.micro_step():
-                        log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
+                        log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
+                                                                         config.sample.guidance_scale)
+                        policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
+                                                           self.options.clip_range)
+                        loss = policy_loss
+                        if self.options.kl_weight > 0:
+                            reference_mean, _ = reference_step(run.model, transitions, config.sample.eta,
                                                                config.sample.guidance_scale)
-                        loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                                    self.options.clip_range)
+                            kl = gaussian_kl(mean, reference_mean, std).mean()
+                            loss = policy_loss + self.options.kl_weight * kl
+                            statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()})
                         accumulator.backward(loss)
-                    statistics.add({"loss/policy": loss.item()})
+                    statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()})
                     statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch)
                     bar.update(1)
         accumulator.check_finished()

@@ -56,12 +56,6 @@ def eps_mse_kl(model_output, reference_output):
     return ((model_output - reference_output) ** 2).flatten(1).mean(dim=1)
 
 
-def gaussian_kl(mean, reference_mean, std):
-    """KL (B,) between N(mean, std^2) and N(reference_mean, std^2) per element, averaged over elements:
-    mean((mean - reference_mean)^2 / (2 std^2)). `mean`, `reference_mean` (B, C, H, W); `std` (B|1, 1, 1, 1)."""
-    return ((mean - reference_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
-
-
 def dpok_loss(log_prob, old_log_prob, advantages, kl, reward_weight: float, kl_weight: float, ratio_clip: float):
     """DPOK's loss over (B,) transitions: mean(-alpha A clamp(rho, 1 +- ratio_clip)) + beta mean(KL).
     Returns `(total, policy_term, kl_term)`."""
@@ -143,9 +137,7 @@ class DPOK(ddpo.Algorithm):
         return run.default_advantages(trajectory)
 
     def update(self, run, trajectory):
-        import torch
-
-        from ddpo.core.policy import EpochStatistics
+        from ddpo.core.policy import EpochStatistics, gaussian_kl, reference_step
 
         config, options = run.config, self.options
         statistics = EpochStatistics()
@@ -163,9 +155,8 @@ class DPOK(ddpo.Algorithm):
                     with accumulator.micro_step():
                         log_prob, mean, std, output = run.model.step_log_prob(transitions, config.sample.eta,
                                                                               config.sample.guidance_scale)
-                        with torch.no_grad(), run.model.reference():
-                            _, reference_mean, _, reference_output = run.model.step_log_prob(
-                                transitions, config.sample.eta, config.sample.guidance_scale)
+                        reference_mean, reference_output = reference_step(
+                            run.model, transitions, config.sample.eta, config.sample.guidance_scale)
                         kl = (eps_mse_kl(output, reference_output) if options.kl_mode == "eps-mse"
                               else gaussian_kl(mean, reference_mean, std))
                         loss, policy_term, kl_term = dpok_loss(

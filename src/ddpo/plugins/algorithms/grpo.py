@@ -80,9 +80,7 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
 
     def update(self, run, trajectory):
-        import torch
-
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, reference_step
 
         config, model = run.config, run.model
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
@@ -101,10 +99,9 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
                                                            self.options.clip_range)
                         loss = policy_loss
                         if self.options.kl_beta > 0:
-                            with torch.no_grad(), model.reference():
-                                _, reference_mean, _, _ = model.step_log_prob(transitions, config.sample.eta,
-                                                                              config.sample.guidance_scale)
-                            kl = ((mean - reference_mean) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim)))
+                            reference_mean, _ = reference_step(model, transitions, config.sample.eta,
+                                                               config.sample.guidance_scale)
+                            kl = gaussian_kl(mean, reference_mean, std)
                             loss = policy_loss + self.options.kl_beta * kl.mean()
                             statistics.add({"loss/kl": kl.mean().item(), "policy/kl_to_reference": kl.mean().item()})
                         accumulator.backward(loss)
