@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random pipelines saved to disk once per session, and a CLI runner."""
+"""Shared fixtures: tiny random pipelines saved to disk once per session, and a CLI runner.
+
+The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml), one per core; each worker and every
+`ddpo` subprocess it starts uses one torch thread, unless OMP_NUM_THREADS says otherwise: on these small models
+two processes of one thread do about twice the work of one process of two threads.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import os
 import subprocess
 import sys
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, for this process and its subprocesses
 
-from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3
+import pytest  # noqa: E402
+
+from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3  # noqa: E402
 
 
 @pytest.fixture(scope="session")
