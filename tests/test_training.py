@@ -1,11 +1,11 @@
 """End-to-end runs of `ddpo run` on tiny pipelines: learning, the run directory, TensorBoard read back,
-resume after a crash, LoRA export loadable by diffusers, and `ddpo sample`."""
+extending a finished run, LoRA export loadable by diffusers, and `ddpo sample`. (Exact resume after a crash,
+for every algorithm, is in test_reliability.py.)"""
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli
@@ -103,43 +103,6 @@ def test_tensorboard_event_file_reads_back_with_reward_queries_as_step(is_run):
     assert events.PluginTagToContent("hparams")  # the config as hparams, in the same event stream
 
 
-def crash_plugin(directory):
-    """A plugin distribution whose on_epoch_end hook crashes the run at epoch $CRASH_AT_EPOCH."""
-    (directory / "crash_at_epoch.py").write_text(
-        "import os\nimport ddpo\n\n\n@ddpo.hookimpl\ndef on_epoch_end(epoch):\n"
-        "    if epoch == int(os.environ.get('CRASH_AT_EPOCH', '0')):\n"
-        "        raise RuntimeError('simulated crash')\n")
-    info = directory / "crash_at_epoch-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crash-at-epoch\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ddpo]\ncrash = crash_at_epoch\n")
-    return directory
-
-
-def test_resume_after_a_crash_continues_exactly_like_the_uninterrupted_run(is_run, tiny_sd, tmp_path):
-    (tmp_path / "plugin").mkdir()
-    plugin = crash_plugin(tmp_path / "plugin")
-    args = [*is_args(tiny_sd), "--logdir", str(tmp_path), "--run-name", "crashed"]
-    crashed = run_cli("run", *args, env={"PYTHONPATH": str(plugin), "CRASH_AT_EPOCH": "3"})
-    assert crashed.returncode == 1 and "simulated crash" in crashed.stderr
-    run_dir = tmp_path / "crashed"
-    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
-    assert len(read_metrics(run_dir)) == 3  # the crashed epoch was logged before the crash
-
-    resumed = run_cli("run", "--resume", str(run_dir), env={"PYTHONPATH": str(plugin)})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ignore = ("perf/",)
-    ours = [{k: v for k, v in record.items() if not k.startswith(ignore)} for record in read_metrics(run_dir)]
-    reference = [{k: v for k, v in record.items() if not k.startswith(ignore)} for record in read_metrics(is_run)]
-    assert ours == reference
-    final = load_file(run_dir / "checkpoints" / f"epoch_{EPOCHS:04d}" / "weights.safetensors")
-    expected = load_file(is_run / "checkpoints" / f"epoch_{EPOCHS:04d}" / "weights.safetensors")
-    assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in final)
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    assert [event.step for event in events.Scalars("reward/mean")] == [32 * epoch for epoch in range(1, EPOCHS + 1)]
-
-
 def test_resume_can_extend_a_finished_run(is_run, tmp_path):
     import shutil
 
@@ -210,10 +173,10 @@ def test_compare_tabulates_and_plots_runs_on_the_reward_query_axis(is_run, tmp_p
     chart = tmp_path / "chart.png"
     result = run_cli("compare", str(is_run.parent), "--tag", "reward/mean", "--out", str(chart))
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("is "))
+    row = next(line for line in result.stdout.splitlines() if line.startswith("ddpo-is "))
     last = read_metrics(is_run)[-1]
-    assert "ddpo-is / compressibility / sd14" in row and f"{last['reward_queries']}" in row
-    assert f"{last['reward/mean']:.4g}" in row
-    assert Image.open(chart).size == (900, 560)
+    assert row.split()[:5] == ["ddpo-is", "compressibility", "sd14", "1", str(last["reward_queries"])]
+    assert f"{last['reward/mean']:.3g} ± 0" in row  # one seed: std 0
+    assert Image.open(chart).format == "PNG"
     missing = run_cli("compare", str(is_run.parent), "--tag", "reward/meen")
     assert missing.returncode == 2 and "tags there:" in missing.stderr and "reward/mean" in missing.stderr

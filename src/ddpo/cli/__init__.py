@@ -24,12 +24,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from ddpo.cli.app import build_app
     from ddpo.core.errors import UsageError
+    from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
 
     try:
         command = get_command(build_app())
         exit_code = command.main(args=argv, prog_name="ddpo", standalone_mode=False)
     except UsageError as error:
         _fail(EXIT_USAGE, str(error))
+    except RunInterrupted as error:
+        _fail(INTERRUPTED_EXIT_CODE, str(error))
     except typer.Abort:
         _fail(130, "aborted")
     except typer.TyperException as error:  # the command-line parser's own errors (bad flag, bad value)
@@ -40,4 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         hint = "" if os.environ.get("DDPO_DEBUG") == "1" else " (DDPO_DEBUG=1 shows the traceback)"
         _fail(EXIT_FAILURE, f"{type(error).__name__}: {error}{hint}")
+    if exit_code == INTERRUPTED_EXIT_CODE:  # Ctrl-C outside a run's epochs: the command framework's own exit
+        _fail(INTERRUPTED_EXIT_CODE, "interrupted")
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

@@ -71,7 +71,8 @@ def save_checkpoint(run: Run) -> Path:
             save_file(weights, str(staging / MODULES / f"{name}.safetensors"))
             torch.save(optimizer, staging / MODULES / f"{name}.optimizer.pt")
         trainer_state = {"epoch": run.epoch, "reward_queries": run.reward_queries,
-                         "stat_tracker": run.stat_tracker.state_dict() if run.stat_tracker else None}
+                         "stat_tracker": run.stat_tracker.state_dict() if run.stat_tracker else None,
+                         "guard": run.guard.state_dict() if run.guard else None}
         (staging / "trainer.json").write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -112,6 +113,8 @@ def load_checkpoint(run: Run, path: Path) -> None:
     run.epoch, run.reward_queries = state["epoch"], state["reward_queries"]
     if run.stat_tracker is not None and state["stat_tracker"] is not None:
         run.stat_tracker.load_state_dict(state["stat_tracker"])
+    if run.guard is not None:
+        run.guard.load_state_dict(state.get("guard"))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
+
+if TYPE_CHECKING:
+    from ddpo.core.guards import RunGuard
 
 POLICY = "policy"
 """The name of the trained module that is the denoiser."""
@@ -40,7 +43,8 @@ class GradientAccumulator:
     inside it; the loss is divided by `micro_steps` so the step uses the mean gradient.
     """
 
-    def __init__(self, accelerator: Accelerator, modules: list[TrainedModule], micro_steps: int):
+    def __init__(self, accelerator: Accelerator, modules: list[TrainedModule], micro_steps: int,
+                 guard: RunGuard | None = None):
         if micro_steps < 1:
             raise ValueError(f"micro_steps must be at least 1, got {micro_steps}")
         self.accelerator = accelerator
@@ -48,6 +52,9 @@ class GradientAccumulator:
         self.micro_steps = micro_steps
         self.count = 0
         self.optimizer_steps = 0
+        self.guard = guard
+        """Skips steps with non-finite losses or gradients and stops at Ctrl-C after a step (see guards.py)."""
+        self.losses_finite = True
         self.grad_norms: dict[str, float] = {module.name: float("nan") for module in modules}
         """Each module's gradient norm before clipping, at the last optimizer step."""
 
@@ -70,11 +77,19 @@ class GradientAccumulator:
             for module in self.modules:
                 norm = self.accelerator.clip_grad_norm_(module.parameters(), module.max_grad_norm)
                 self.grad_norms[module.name] = float(norm) if norm is not None else float("nan")
-                module.optimizer.step()
+            skip = self.guard is not None and self.guard.should_skip(self.losses_finite, list(self.grad_norms.values()))
+            for module in self.modules:
+                if not skip or self.accelerator.scaler is not None:  # a loss scaler skips them itself (and must)
+                    module.optimizer.step()
                 module.optimizer.zero_grad(set_to_none=True)
+            self.losses_finite = True
             self.optimizer_steps += 1
+            if self.guard is not None:
+                self.guard.check_interrupt()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.guard is not None:
+            self.losses_finite &= bool(torch.isfinite(loss.detach()).all())
         self.accelerator.backward(loss / self.micro_steps)
 
     def check_finished(self) -> None:

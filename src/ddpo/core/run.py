@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
 from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.config import RunConfig
+from ddpo.core.guards import RunGuard
 from ddpo.core.model import Model
 from ddpo.core.optim import POLICY, GradientAccumulator, TrainedModule
 
@@ -54,6 +55,8 @@ class Run:
     """N prompts matching `gathered_rewards`."""
     modules: dict[str, TrainedModule] = field(default_factory=dict)
     """Every trained module by name: "policy" (the denoiser) and those the algorithm registered."""
+    guard: RunGuard | None = None
+    """Ctrl-C and numerical guards shared by the run's gradient accumulators (see guards.py)."""
 
     def __post_init__(self) -> None:
         if POLICY not in self.modules:
@@ -87,7 +90,8 @@ class Run:
     def accumulator(self, micro_steps: int, modules: tuple[str, ...] = (POLICY,)) -> GradientAccumulator:
         """A gradient accumulator over the named trained modules that steps them once per `micro_steps`
         backward passes (each clipped to its own norm)."""
-        return GradientAccumulator(self.accelerator, [self.modules[name] for name in modules], micro_steps)
+        return GradientAccumulator(self.accelerator, [self.modules[name] for name in modules], micro_steps,
+                                   guard=self.guard)
 
     def progress(self, total: int, description: str):
         """A progress bar on the main process, when stderr is a terminal."""

@@ -1,0 +1,574 @@
+"""Reliability (issue 12): exact resume after SIGKILL for every algorithm, Ctrl-C, the numerical guards,
+lifecycle hooks that are told when a run fails, one line per epoch without a terminal, and bad input that
+stops before any weights load.
+
+Most runs here are real `ddpo run` processes forked from one warm parent that has already imported torch and
+diffusers (`cli_server`): each is the CLI's own `main(argv)` in a fresh process, killed or exiting as one
+would, without paying ~10 s of imports each. The Ctrl-C test uses a plain `python -m ddpo` subprocess.
+Faults are injected by a test plugin loaded through the entry-point mechanism (`probe_plugin`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_cli
+
+TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
+        "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "keep_checkpoints=0"]
+EPOCH_1_HOOKS = ["rollout 1", "rewards 1 8", "epoch 1", "checkpoint 1 complete"]
+"""What the probe plugin logs for a whole epoch of 8 samples: every lifecycle hook, in order."""
+
+PROBE = '''
+"""Faults on demand, by environment variable (comma-separated epochs): PROBE_KILL_AT (SIGKILL itself after
+sampling), PROBE_KILL_LOGGED_AT (SIGKILL after the epoch was logged, before its checkpoint), PROBE_SIGINT_AT
+(one SIGINT after sampling), PROBE_DOUBLE_SIGINT_AT (two), PROBE_NAN_AT (NaN advantages), PROBE_SPIKE_AT
+(advantages x 1e4), PROBE_CRASH_AT (raise in on_epoch_end). PROBE_LOG: a file every lifecycle hook appends
+to. PROBE_SAVE_RANK_WEIGHTS: each process saves its trained weights at the end. PROBE_ADVANTAGES: log the
+largest |advantage| the update saw as probe/max_abs_advantage (editing on_update_end's metrics). And three
+broken rewards."""
+import os
+import signal
+
+import ddpo
+
+
+def _at(variable, epoch):
+    return str(epoch) in os.environ.get(variable, "").split(",")
+
+
+def _log(*words):
+    if os.environ.get("PROBE_LOG"):
+        with open(os.environ["PROBE_LOG"], "a") as stream:
+            stream.write(" ".join(str(word) for word in words) + "\\n")
+
+
+@ddpo.hookimpl
+def on_run_start(run):
+    _log("start", run.epoch)
+
+
+@ddpo.hookimpl
+def on_rollout_end(run, trajectory):
+    _log("rollout", run.epoch)
+    if _at("PROBE_KILL_AT", run.epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _at("PROBE_SIGINT_AT", run.epoch) or _at("PROBE_DOUBLE_SIGINT_AT", run.epoch):
+        os.kill(os.getpid(), signal.SIGINT)
+    if _at("PROBE_DOUBLE_SIGINT_AT", run.epoch):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+_epoch_trajectory = []
+
+
+@ddpo.hookimpl
+def on_rewards(run, trajectory):
+    _log("rewards", run.epoch, len(run.gathered_rewards))
+    _epoch_trajectory[:] = [trajectory]
+
+
+@ddpo.hookimpl
+def on_update_end(run, metrics):
+    if os.environ.get("PROBE_ADVANTAGES"):
+        metrics["probe/max_abs_advantage"] = float(_epoch_trajectory[0].advantages.abs().max())
+
+
+@ddpo.hookimpl
+def compute_advantages(run, trajectory):
+    import torch
+
+    if _at("PROBE_NAN_AT", run.epoch):
+        return torch.full((len(trajectory.prompts),), float("nan"))
+    if _at("PROBE_SPIKE_AT", run.epoch):
+        return run.algorithm.compute_advantages(run, trajectory) * 1e4
+    return None
+
+
+@ddpo.hookimpl
+def on_epoch_end(run, epoch, metrics):
+    _log("epoch", epoch)
+    if _at("PROBE_KILL_LOGGED_AT", epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _at("PROBE_CRASH_AT", epoch):
+        raise RuntimeError("probe crash")
+
+
+@ddpo.hookimpl
+def on_checkpoint(run, path):
+    _log("checkpoint", run.epoch, "complete" if (path / "trainer.json").is_file() else "incomplete")
+
+
+@ddpo.hookimpl
+def on_exception(run, exception):
+    _log("exception", type(exception).__name__)
+
+
+@ddpo.hookimpl
+def on_run_end(run):
+    _log("end", run.epoch)
+    if os.environ.get("PROBE_SAVE_RANK_WEIGHTS"):  # each process's trained weights, to compare ranks
+        from safetensors.torch import save_file
+
+        path = run.run_dir / f"rank{run.accelerator.process_index}.safetensors"
+        save_file(run.model.trainable_state_dict(), str(path))
+
+
+class WrongShape(ddpo.Reward):
+    name = "wrong-shape"
+
+    def __call__(self, images, prompts, metadata):
+        return images.mean(dim=(2, 3))
+
+
+class NotANumber(ddpo.Reward):
+    name = "not-a-number"
+
+    def __call__(self, images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+class Raising(ddpo.Reward):
+    name = "raising"
+
+    def __call__(self, images, prompts, metadata):
+        raise ValueError("the scorer is not configured")
+
+
+@ddpo.hookimpl
+def register_rewards(register):
+    for reward in (WrongShape, NotANumber, Raising):
+        register(reward)
+'''
+
+SERVER = r'''
+"""Fork `ddpo` CLI runs from a process that has imported the heavy modules: read a JSON job per line
+({"argv", "env", "stderr"}), fork, run ddpo.cli.main(argv) in the child, print {"returncode"} per job."""
+import json
+import os
+import signal
+import sys
+
+import diffusers  # noqa: F401 - the imports every run pays, done once
+import ddpo.core.trainer  # noqa: F401
+from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline, UNet2DModel  # noqa: F401
+from ddpo.cli import main
+
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.environ.update(job["env"])
+        with open(job["stderr"], "w") as stderr:
+            os.dup2(stderr.fileno(), 2)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        sys.stdin.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = 0
+        try:
+            main(job["argv"])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+'''
+
+
+def make_distribution(directory, module, source):
+    """A plugin distribution on disk (put `directory` on PYTHONPATH), as tests/test_plugins.py makes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{module}.py").write_text(source)
+    info = directory / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ddpo]\n{module} = {module}\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def probe_plugin(tmp_path_factory):
+    return make_distribution(tmp_path_factory.mktemp("probe"), "reliability_probe", PROBE)
+
+
+class CliServer:
+    def __init__(self, plugin_path, work):
+        environment = {**os.environ, "PYTHONPATH": str(plugin_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=environment)
+        self.work = work
+        self.jobs = 0
+
+    def run(self, *argv, **env):
+        """Run `ddpo ARGV` with extra environment variables; returns (returncode, stderr text)."""
+        self.jobs += 1
+        stderr = self.work / f"job{self.jobs}.stderr"
+        self.process.stdin.write(json.dumps({"argv": list(argv), "env": env, "stderr": str(stderr)}) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        assert answer, "the CLI server died"
+        return json.loads(answer)["returncode"], stderr.read_text()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cli_server(probe_plugin, tmp_path_factory):
+    server = CliServer(probe_plugin, tmp_path_factory.mktemp("jobs"))
+    yield server
+    server.close()
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(records):
+    return [{tag: value for tag, value in record.items() if not tag.startswith("perf/")} for record in records]
+
+
+def weights_equal(first, second):
+    a, b = load_file(first / "weights.safetensors"), load_file(second / "weights.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+# 1. Exact resume after SIGKILL, for every algorithm (each with its own state: critic, value baseline,
+# reference policy, pairs, groups).
+
+ALGORITHMS = {
+    "ddpo-is": [],
+    "ddpo-sf": [],
+    "rwr": ["--set", "train.inner_epochs=1"],
+    "dpok": ["--set", "algorithm.value_baseline=true", "--set", "algorithm.value_batch_size=8",
+             "--set", "algorithm.value_micro_batches=1"],
+    "d3po": [],
+    "d3po-labels": [],  # human labels of `ddpo pairs export` pairs (made in the test)
+    "tdpo-r": ["--set", "algorithm.critic_features=pixels", "--set", "algorithm.reset_every=2"],
+    "grpo": ["--set", "algorithm.group_size=4"],
+}
+
+
+KILLED_AFTER_LOGGING = {"ddpo-is", "dpok", "grpo"}
+"""Killed once epoch 2 is in metrics.jsonl and TensorBoard but not checkpointed (the resume rewrites it); the
+others are killed after epoch 2's sampling."""
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_sigkill_during_an_epoch_then_resume_equals_the_uninterrupted_run(algorithm, cli_server, tmp_path):
+    kill = {"PROBE_KILL_LOGGED_AT" if algorithm in KILLED_AFTER_LOGGING else "PROBE_KILL_AT": "2"}
+    extra = ALGORITHMS[algorithm]
+    if algorithm == "d3po-labels":
+        code, stderr = cli_server.run("pairs", "export", "--out", str(tmp_path / "pairs"), "--num", "4",
+                                      "--set", "sample.num_steps=4")
+        assert code == 0, stderr[-3000:]
+        (tmp_path / "pairs" / "labels.jsonl").write_text("".join(
+            json.dumps({"pair": pair, "preferred": pair % 2}) + "\n" for pair in range(4)))
+        algorithm, extra = "d3po", ["--set", f"algorithm.labels={tmp_path / 'pairs' / 'labels.jsonl'}"]
+    args = ["run", "--algo", algorithm, *TINY, *extra, "--epochs", "3", "--logdir", str(tmp_path)]
+    code, stderr = cli_server.run(*args, "--run-name", "straight")
+    assert code == 0, stderr[-3000:]
+    code, stderr = cli_server.run(*args, "--run-name", "killed", **kill)
+    assert code == -signal.SIGKILL, stderr[-3000:]
+    killed = tmp_path / "killed"
+    assert sorted(path.name for path in (killed / "checkpoints").iterdir()) == ["epoch_0001"]
+    assert len(read_metrics(killed)) == (2 if "PROBE_KILL_LOGGED_AT" in kill else 1)
+    code, stderr = cli_server.run("run", "--resume", str(killed))
+    assert code == 0, stderr[-3000:]
+
+    straight = tmp_path / "straight"
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
+    if algorithm == "tdpo-r":  # the reset schedule is part of what resumes: the epoch-2 reset happened
+        assert [record["critic/resets"] for record in read_metrics(straight)] == [0.0, 1.0, 1.0]
+    events = EventAccumulator(str(killed))  # the resumed run's event file continues the killed one's
+    events.Reload()
+    assert [event.step for event in events.Scalars("reward/mean")] == [8, 16, 24]
+    for epoch in (2, 3):
+        name = f"epoch_{epoch:04d}"
+        assert weights_equal(killed / "checkpoints" / name, straight / "checkpoints" / name), name
+        modules = straight / "checkpoints" / name / "modules"
+        for path in modules.glob("*.safetensors") if modules.is_dir() else []:  # value baseline, critic
+            ours = load_file(killed / "checkpoints" / name / "modules" / path.name)
+            assert all(torch.equal(ours[key], tensor) for key, tensor in load_file(path).items()), path.name
+
+
+def test_lora_resume_is_exact_and_sample_reads_the_lora_checkpoint(cli_server, tiny_sd, tmp_path):
+    args = ["run", "--model", "sd14", "--set", f"model.pretrained={tiny_sd}", "--set", "model.use_lora=true",
+            "--reward", "compressibility", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+            "--set", "sample.num_steps=4", "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
+            "--set", "train.learning_rate=1e-2", "--epochs", "3", "--logdir", str(tmp_path)]
+    code, stderr = cli_server.run(*args, "--run-name", "straight")
+    assert code == 0, stderr[-3000:]
+    code, stderr = cli_server.run(*args, "--run-name", "killed", PROBE_KILL_AT="2")
+    assert code == -signal.SIGKILL, stderr[-3000:]
+    code, stderr = cli_server.run("run", "--resume", str(tmp_path / "killed"))
+    assert code == 0, stderr[-3000:]
+    straight, killed = tmp_path / "straight" / "checkpoints", tmp_path / "killed" / "checkpoints"
+    assert comparable(read_metrics(tmp_path / "killed")) == comparable(read_metrics(tmp_path / "straight"))
+    assert weights_equal(killed / "epoch_0003", straight / "epoch_0003")
+    assert (killed / "epoch_0003" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    sample = ["sample", "--num", "2", "--prompt", "cat", "--seed", "0"]
+    code, stderr = cli_server.run(*sample, "--checkpoint", str(killed / "epoch_0003"),
+                                  "--out", str(tmp_path / "tuned.png"))
+    assert code == 0, stderr[-3000:]
+    code, stderr = cli_server.run(*sample, "--model", "sd14", "--set", f"model.pretrained={tiny_sd}",
+                                  "--set", "sample.num_steps=4", "--out", str(tmp_path / "base.png"))
+    assert code == 0, stderr[-3000:]
+    tuned, base = (Image.open(tmp_path / f"{name}.png") for name in ("tuned", "base"))
+    assert tuned.size == base.size and tuned.tobytes() != base.tobytes()  # the adapters were applied
+
+    code, stderr = cli_server.run(*sample, "--checkpoint", str(killed / "epoch_0003"), "--set", "model.use_lora=false",
+                                  "--out", str(tmp_path / "full.png"))
+    assert code == 2 and "checkpoint weights do not match model 'sd14' with use_lora=False" in stderr, stderr[-3000:]
+    code, stderr = cli_server.run("run", "--resume", str(tmp_path / "killed"), "--set", "model.use_lora=false")
+    assert code == 2 and "'model.use_lora' cannot change when resuming" in stderr, stderr[-3000:]
+
+
+# 2. Ctrl-C
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_with_how_to_resume(tmp_path):
+    """A real SIGINT from outside, while the run is in its second epoch (sampling or updating)."""
+    args = [sys.executable, "-m", "ddpo", "run", *TINY, "--set", "sample.num_steps=10", "--set",
+            "sample.batches_per_epoch=2", "--epochs", "50", "--logdir", str(tmp_path), "--run-name", "stopped"]
+    run_dir = tmp_path / "stopped"
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "epoch_0001").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("ddpo: error: interrupted") and f"ddpo run --resume {run_dir}" in last, last
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"epoch_{epoch:04d}" for epoch in range(1, len(checkpoints) + 1)]  # none partial
+    assert f"{run_dir / 'checkpoints' / checkpoints[-1]}" in last and "Traceback" not in stderr
+
+
+def test_ctrl_c_during_the_update_stops_after_that_optimizer_step(cli_server, tmp_path):
+    code, stderr = cli_server.run("run", *TINY, "--epochs", "3", "--logdir", str(tmp_path), "--run-name", "int",
+                                  PROBE_SIGINT_AT="2")
+    assert code == 130, stderr[-3000:]
+    assert "interrupted during the update of epoch 2" in stderr and "--resume" in stderr
+    run_dir = tmp_path / "int"
+    state = json.loads((run_dir / "checkpoints" / "epoch_0002" / "trainer.json").read_text())
+    assert state["guard"]["stopped_mid_epoch"] and state["epoch"] == 2
+    assert [record["epoch"] for record in read_metrics(run_dir)] == [1]  # epoch 2 did not finish
+    assert not weights_equal(run_dir / "checkpoints" / "epoch_0001", run_dir / "checkpoints" / "epoch_0002")
+    code, stderr = cli_server.run("run", "--resume", str(run_dir))
+    assert code == 0 and "continues with the next epoch" in stderr, stderr[-3000:]
+    assert [record["epoch"] for record in read_metrics(run_dir)] == [1, 3]
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(cli_server, tmp_path):
+    log = tmp_path / "hooks.log"
+    code, stderr = cli_server.run("run", *TINY, "--epochs", "3", "--logdir", str(tmp_path), "--run-name", "twice",
+                                  PROBE_DOUBLE_SIGINT_AT="2", PROBE_LOG=str(log))
+    run_dir = tmp_path / "twice"
+    assert code == 130, stderr[-3000:]
+    assert f"stopped at once during epoch 2; the newest complete checkpoint is {run_dir / 'checkpoints'}" in stderr
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001"]
+    assert log.read_text().splitlines() == ["start 0", *EPOCH_1_HOOKS, "rollout 2", "exception KeyboardInterrupt",
+                                            "end 2"]
+    code, stderr = cli_server.run("run", "--resume", str(run_dir))
+    assert code == 0, stderr[-3000:]
+
+
+# 6. Lifecycle hooks are paired; 8. one line per epoch without a terminal
+
+def test_a_failing_run_calls_on_exception_then_on_run_end(cli_server, tmp_path):
+    log = tmp_path / "hooks.log"
+    code, stderr = cli_server.run("run", *TINY, "--epochs", "3", "--logdir", str(tmp_path), "--run-name", "crash",
+                                  PROBE_CRASH_AT="2", PROBE_LOG=str(log))
+    assert code == 1 and "RuntimeError: probe crash" in stderr, stderr[-3000:]
+    assert log.read_text().splitlines() == ["start 0", *EPOCH_1_HOOKS, "rollout 2", "rewards 2 8", "epoch 2",
+                                            "exception RuntimeError", "end 2"]
+
+
+def test_without_a_terminal_each_epoch_prints_one_line(cli_server, tmp_path):
+    log = tmp_path / "hooks.log"
+    code, stderr = cli_server.run("run", *TINY, "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "lines",
+                                  PROBE_LOG=str(log))
+    assert code == 0, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("epoch ")]
+    records = read_metrics(tmp_path / "lines")
+    assert len(lines) == 2
+    for line, record in zip(lines, records, strict=True):
+        assert line.startswith(f"epoch {record['epoch']}/2 reward/mean={record['reward/mean']:.4g} ")
+        assert f"loss/policy={record['loss/policy']:.4g}" in line and line.endswith("s")
+    assert log.read_text().splitlines() == ["start 0", *EPOCH_1_HOOKS, "rollout 2", "rewards 2 8", "epoch 2",
+                                            "checkpoint 2 complete", "end 2"]  # no exception, one end
+
+
+# 3. Numerical guards
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_the_run(cli_server, tmp_path):
+    args = ["run", *TINY, "--set", "train.grad_norm_spike_factor=10", "--set", "advantage.clip_max=1e9",
+            "--logdir", str(tmp_path)]
+    code, stderr = cli_server.run(*args, "--epochs", "6", "--run-name", "skips", PROBE_NAN_AT="5",
+                                  PROBE_SPIKE_AT="4")
+    assert code == 0, stderr[-3000:]
+    assert "skipped an optimizer step: non-finite loss or gradient" in stderr
+    records = read_metrics(tmp_path / "skips")
+    assert [record["train/skipped_steps"] for record in records] == [0, 0, 0, 0, 2, 0]
+    spikes = [record["train/grad_norm_spikes"] for record in records]
+    assert spikes[:3] == [0, 0, 0] and spikes[3] >= 1
+    checkpoints = tmp_path / "skips" / "checkpoints"
+    assert weights_equal(checkpoints / "epoch_0004", checkpoints / "epoch_0005")  # both steps skipped
+    assert not weights_equal(checkpoints / "epoch_0005", checkpoints / "epoch_0006")
+
+    code, stderr = cli_server.run(*args, "--set", "train.max_skipped_steps=3", "--epochs", "4", "--run-name", "stop",
+                                  PROBE_NAN_AT="2,3")
+    assert code == 1, stderr[-3000:]
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (train.max_skipped_steps)" in stderr
+    run_dir = tmp_path / "stop"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    for name in ("epoch_0001", "epoch_0002"):
+        weights = load_file(run_dir / "checkpoints" / name / "weights.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+# 7. Behaviour no other test covered
+
+
+def test_save_every_keeps_the_last_epoch_and_updates_clip_and_repeat_as_configured(cli_server, tmp_path):
+    """save_every=2 of 3 epochs saves epochs 2 and 3 (the last always), keep_checkpoints=0 keeps them all; the
+    algorithm's own advantages are clipped to advantage.clip_max; inner_epochs=2 with timestep_fraction=0.5
+    makes twice the optimizer steps."""
+    code, stderr = cli_server.run("run", *TINY, "--set", "save_every=2", "--set", "advantage.clip_max=0.5",
+                                  "--set", "train.inner_epochs=2", "--set", "train.timestep_fraction=0.5",
+                                  "--epochs", "3", "--logdir", str(tmp_path), "--run-name", "every",
+                                  PROBE_ADVANTAGES="1")
+    assert code == 0, stderr[-3000:]
+    run_dir = tmp_path / "every"
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
+    records = read_metrics(run_dir)
+    assert [record["probe/max_abs_advantage"] for record in records] == [0.5, 0.5, 0.5]
+    assert [record["train/optimizer_steps"] for record in records] == [4.0, 4.0, 4.0]  # 2 x 8 / (4 x 1)
+
+
+def test_two_process_lora_update_leaves_identical_weights_on_both_ranks(probe_plugin, tiny_ddpm, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "ddpo", "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}",
+               "--set", "model.use_lora=true", "--set", "train.learning_rate=1e-2", "--reward", "compressibility",
+               "--set", "sample.num_steps=4", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+               "--set", "train.batch_size=2", "--set", "train.grad_accum=2", "--epochs", "1",
+               "--logdir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(probe_plugin), "PROBE_SAVE_RANK_WEIGHTS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    first, second = load_file(run_dir / "rank0.safetensors"), load_file(run_dir / "rank1.safetensors")
+    assert first and first.keys() == second.keys() and all("lora" in key for key in first)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    saved = load_file(run_dir / "checkpoints" / "epoch_0001" / "weights.safetensors")
+    assert any(not torch.equal(tensor, torch.zeros_like(tensor)) for key, tensor in first.items()
+               if "lora_B" in key)  # the update moved the adapters (B starts at zero)
+    assert saved.keys() == first.keys() and all(torch.equal(saved[key], first[key]) for key in first)
+
+
+def test_the_file_prompt_set_draws_the_files_lines(tmp_path):
+    import random
+
+    from ddpo.core.plugins import get_registry
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cube\n\n  a blue ball  \n")
+    prompt_set = get_registry().get("prompts", "file")({"path": str(path)})
+    drawn = {prompt_set.sample(random.Random(seed))[0] for seed in range(20)}
+    assert drawn == {"a red cube", "a blue ball"}
+
+
+# 4. Bad input: exit 2, one line, nothing written, before any weights load
+
+
+def assert_usage_error(code, stderr, *fragments):
+    assert code == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpo: error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli_server, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "not-a-run").mkdir()
+    no_checkpoint = tmp_path / "no-checkpoint"
+    no_checkpoint.mkdir()
+    (no_checkpoint / "config.yaml").write_text(run_cli("config").stdout)
+    before = sorted(path for path in tmp_path.rglob("*"))
+    cases = [
+        (["--logdir", str(tmp_path / "a-file" / "runs")], ["cannot create log directory", "is a file"]),
+        (["--set", "sample.eta=1.5"], ["sample.eta", "less than or equal to 1"]),
+        (["--config", str(tmp_path / "config.json")], ["must end in .yaml, .yml or .toml"]),
+        (["--set", "prompts.name=file", "--set", f"prompts.path={tmp_path / 'empty.txt'}"], ["holds no prompts"]),
+        (["--resume", str(tmp_path / "not-a-run")], ["is not a run directory"]),
+        (["--resume", str(no_checkpoint)], ["no checkpoint to resume"]),
+        (["--reward", "wrong-shape"], ["reward 'wrong-shape' (package reliability-probe)", "shape (2, 3)"]),
+        (["--reward", "not-a-number"], ["reward 'not-a-number' (package reliability-probe)", "non-finite"]),
+        (["--set", "eval.rewards=[raising]"],
+         ["reward 'raising' (package reliability-probe)", "ValueError: the scorer is not configured"]),
+    ]
+    for args, fragments in cases:
+        assert_usage_error(*cli_server.run("run", "--logdir", str(tmp_path), *args), *fragments)
+    assert sorted(path for path in tmp_path.rglob("*")) == before
+
+
+def test_resume_refuses_flags_that_cannot_change_mid_run(cli_server, tmp_path):
+    code, stderr = cli_server.run("run", *TINY, "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "base")
+    assert code == 0, stderr[-3000:]
+    run_dir = tmp_path / "base"
+    before = sorted(path for path in run_dir.rglob("*"))
+    for flags, key in ((["--algo", "ddpo-sf"], "algorithm.name"), (["--model", "ddpm"], "model.name"),
+                       (["--set", "sample.batch_size=4"], "sample.batch_size"),
+                       (["--set", "train.grad_accum=2"], "train.grad_accum")):
+        code, stderr = cli_server.run("run", "--resume", str(run_dir), *flags)
+        assert code == 2 and f"'{key}' cannot change when resuming" in stderr, stderr[-2000:]
+    assert sorted(path for path in run_dir.rglob("*")) == before
+
+
+def test_a_plugin_whose_register_hook_raises_is_reported_and_the_others_load(tmp_path):
+    site = make_distribution(tmp_path / "site", "raising_register", textwrap.dedent("""
+        import ddpo
+
+        @ddpo.hookimpl
+        def register_rewards(register):
+            raise ValueError("no reward today")
+    """))
+    result = run_cli("list", "--json", env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr
+    assert ("plugin 'raising_register' failed to load: register_rewards raised ValueError: no reward today"
+            in result.stderr)
+    rewards = {item["name"] for item in json.loads(result.stdout)["rewards"]}
+    assert {"digit", "compressibility"} <= rewards
+
+
+def test_saved_config_is_what_resume_checks(tmp_path):
+    """The keys a resume must keep exist in a saved config (a renamed key would silently pass the check)."""
+    from ddpo.core.preflight import FIXED_ON_RESUME, _value
+
+    saved = yaml.safe_load(run_cli("config").stdout)
+    for key in FIXED_ON_RESUME:
+        assert _value(saved, key) != {}, key
