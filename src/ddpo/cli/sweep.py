@@ -1,0 +1,196 @@
+"""`ddpo sweep`: every (algorithm, seed) combination as its own `ddpo run`, into one log directory.
+
+Each combination is a real `ddpo run` subprocess named `{algo}__s{seed}`, so a sweep's runs are exactly the
+runs a user would start by hand, and one crashing run cannot take the others down: it is reported with its
+last error line and the sweep goes on (exit code 1 at the end). Starting the same sweep again skips the runs
+whose last epoch is on disk (its checkpoint and its metrics line) and continues the others with `--resume`;
+a run that died before its first checkpoint starts over. Each run's output goes to `{run_dir}/run.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ddpo.core.config import resolve_config
+from ddpo.core.errors import UsageError
+
+LOG_FILE = "run.log"
+CHECKPOINT = "checkpoints/epoch_{epoch:04d}"
+"""A run's checkpoint of an epoch (DESIGN.md §6); spelled here so that the CLI need not import torch."""
+
+
+@dataclass
+class SweepRun:
+    """One combination of the sweep."""
+
+    algo: str
+    seed: int
+    run_dir: Path
+    epochs: int | None
+    """The epochs the run trains to, from its resolved config; None if the config does not resolve (the run
+    is still started, so that it fails with `ddpo run`'s own message)."""
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def run_name(algo: str, seed: int) -> str:
+    return f"{algo}__s{seed}"
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{flag} expects a comma-separated list, got '{text}'")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(item) for item in parse_list(text, "--seeds")]
+    except ValueError:
+        raise UsageError(f"--seeds expects comma-separated integers (e.g. 0,1,2), got '{text}'") from None
+
+
+def last_metrics(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def is_finished(run: SweepRun) -> bool:
+    """The run's last epoch is on disk: its checkpoint and its metrics line."""
+    if run.epochs is None:
+        return False
+    record = last_metrics(run.run_dir)
+    return (record is not None and record["epoch"] >= run.epochs
+            and (run.run_dir / CHECKPOINT.format(epoch=run.epochs)).is_dir())
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """A complete checkpoint exists (incomplete ones are `epoch_NNNN.partial`)."""
+    return any(path.is_dir() and path.name[len("epoch_"):].isdigit() for path in run_dir.glob("checkpoints/epoch_*"))
+
+
+def last_error_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ddpo: error:") or "Error" in line]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+class Sweep:
+    """The combinations, the `ddpo run` arguments they share, and the progress lines."""
+
+    def __init__(self, runs: list[SweepRun], shared_args: list[str]):
+        self.runs = runs
+        self.shared_args = shared_args
+        self.lock = threading.Lock()
+        self.done = 0
+
+    def report(self, run: SweepRun, message: str) -> None:
+        with self.lock:
+            self.done += 1
+            typer.echo(f"[{self.done}/{len(self.runs)}] {run.name:<24} {message}")
+
+    def command(self, run: SweepRun) -> tuple[list[str], str]:
+        """The `ddpo run` command line for a run, and what it does (start, resume, restart)."""
+        command = [sys.executable, "-m", "ddpo", "run", "--algo", run.algo, "--seed", str(run.seed), *self.shared_args]
+        if has_checkpoint(run.run_dir) and (run.run_dir / "config.yaml").is_file():
+            return [*command, "--resume", str(run.run_dir)], "resumed"
+        action = "started"
+        if (run.run_dir / "config.yaml").exists():  # died before its first checkpoint: nothing to resume
+            shutil.rmtree(run.run_dir)
+            action = "restarted"
+        return [*command, "--logdir", str(run.run_dir.parent), "--run-name", run.name], action
+
+    def execute(self, run: SweepRun) -> bool:
+        """Run one combination (unless finished); report it; True if it is finished now."""
+        if is_finished(run):
+            self.report(run, f"skipped: finished ({run.epochs} epochs)")
+            return True
+        command, action = self.command(run)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        log = run.run_dir / LOG_FILE
+        started = time.perf_counter()
+        with log.open("a") as stream:
+            stream.write(f"$ {' '.join(command)}\n")
+            stream.flush()
+            returncode = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL).returncode
+        seconds = time.perf_counter() - started
+        if returncode != 0:
+            self.report(run, f"FAILED (exit {returncode}, {seconds:.0f} s): {last_error_line(log)}  [log: {log}]")
+            return False
+        record = last_metrics(run.run_dir) or {}
+        summary = f"reward/mean {record['reward/mean']:.4g}" if "reward/mean" in record else ""
+        self.report(run, f"done, {action} ({record.get('epoch', '?')} epochs, {seconds:.0f} s) {summary}".rstrip())
+        return True
+
+    def execute_all(self, jobs: int) -> int:
+        """Run every combination, `jobs` at once; returns how many failed."""
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(self.execute, self.runs))
+        return results.count(False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sweep(
+        algo: Annotated[str, typer.Option("--algo", help="Comma-separated algorithms, e.g. ddpo-is,rwr,grpo.")],
+        seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+        reward: Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")] = None,
+        model: Annotated[str | None, typer.Option("--model", help="Model plugin name.")] = None,
+        preset: Annotated[str | None, typer.Option("--preset", help="A preset (ddpo list presets).")] = None,
+        config: Annotated[Path | None, typer.Option("--config", help="YAML or TOML config file.")] = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE config override, repeatable; "
+                                                       "applies to every run.")] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs to train.")] = None,
+        logdir: Annotated[str | None, typer.Option("--logdir", help="Directory of the sweep's run "
+                                                   "directories (default: the config's logdir).")] = None,
+        device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+        jobs: Annotated[int, typer.Option("--jobs", min=1, help="Runs at once.")] = 1,
+    ):
+        """Run every algorithm x seed combination, each a `ddpo run` named {algo}__s{seed}, into one log
+        directory; run it again to skip finished runs and resume unfinished ones."""
+        from ddpo.cli.app import _flags
+
+        algos, seed_values = parse_list(algo, "--algo"), parse_seeds(seeds)
+        shared: list[str] = []
+        for flag, value in (("--reward", reward), ("--model", model), ("--preset", preset), ("--config", config),
+                            ("--epochs", epochs), ("--device", device)):
+            if value is not None:
+                shared += [flag, str(value)]
+        for assignment in set_ or []:
+            shared += ["--set", assignment]
+        runs = []
+        for name in algos:
+            for seed in seed_values:
+                try:
+                    flags = _flags(name, reward, model, seed=seed, epochs=epochs, logdir=logdir, device=device)
+                    resolved = resolve_config(config, set_ or [], flags, preset=preset)
+                    run_logdir, run_epochs = resolved.logdir, resolved.epochs
+                except UsageError:
+                    run_logdir, run_epochs = logdir or "runs", None
+                runs.append(SweepRun(name, seed, Path(run_logdir) / run_name(name, seed), run_epochs))
+        typer.echo(f"sweep: {len(algos)} algorithms x {len(seed_values)} seeds = {len(runs)} runs into "
+                   f"{runs[0].run_dir.parent}, {jobs} at a time")
+        failed = Sweep(runs, shared).execute_all(jobs)
+        if failed:
+            typer.echo(f"sweep: {failed} of {len(runs)} runs failed", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"sweep: all {len(runs)} runs finished; compare them with: ddpo compare {runs[0].run_dir.parent}")
+

@@ -1,0 +1,80 @@
+"""Evaluation during training: cross-reward scores, and a fixed set of images to compare across epochs and runs.
+
+With `eval.num_steps` set, every `eval.every` epochs the trainer samples the same prompts from the same initial
+noise (`sample.batch_size` images per process, seeded by the run seed and the process, not by the epoch), with
+`sample.eta` and generators of its own: the training run's random streams are untouched, so its training
+metrics are the same with or without evaluation. The images are scored by the training reward and every eval
+reward; process 0's grid is saved as `eval/epoch_NNNN.png` and logged to TensorBoard as the image `eval/images`.
+TensorBoard images have no per-step caption, so the caption is the text `eval/captions` at the same step: a
+table of each grid cell's prompt and rewards, in the grid's order (row by row).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from ddpo.core.images import make_grid, save_png
+from ddpo.core.rollout import RolloutEngine, sample_batch, score
+from ddpo.core.run import Run, derive_seed
+
+EVAL_DIRECTORY = "eval"
+
+
+def evaluation_samples(run: Run) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """Sample the fixed evaluation set: `sample.batch_size` images per process from the same prompts and seeds
+    every epoch, with `eval.num_steps` steps. Returns the images and their prompts and metadata."""
+    config = run.config
+    seed = derive_seed(config.seed, run.accelerator.process_index, "evaluation")
+    engine = RolloutEngine(run.model, run.reward, run.prompt_set, config.sample)
+    prompts, metadata = engine.draw_prompts(random.Random(seed))
+    engine.close()
+    run.model.denoiser.eval()
+    _, images = sample_batch(run.model, prompts, metadata, num_steps=config.eval.num_steps, eta=config.sample.eta,
+                             guidance_scale=config.sample.guidance_scale, generator=torch.Generator().manual_seed(seed))
+    return images.cpu(), prompts, metadata
+
+
+def score_images(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+                 scorers: dict | None = None) -> dict[str, torch.Tensor]:
+    """This process's images scored by `scorers` and every evaluation reward: label -> (N,) on the CPU."""
+    size = run.config.sample.batch_size
+    return {label: torch.cat([score(scorer, images[start:start + size].to(run.accelerator.device),
+                                    prompts[start:start + size], metadata[start:start + size]).float().cpu()
+                              for start in range(0, len(images), size)])
+            for label, scorer in {**(scorers or {}), **run.eval_rewards}.items()}
+
+
+def evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+             scorers: dict | None = None) -> dict[str, float]:
+    """`eval/<label>/mean` of every score over all processes."""
+    return {f"eval/{label}/mean": run.accelerator.gather(values.to(run.accelerator.device)).mean()
+            for label, values in score_images(run, images, prompts, metadata, scorers).items()}
+
+
+def evaluate_fixed_set(run: Run, writer=None) -> dict[str, float]:
+    """Sample and score the fixed evaluation set; on the main process save its grid and, given a TensorBoard
+    `writer`, log the grid and its caption at step = reward queries. Returns the `eval/<label>/mean` scalars."""
+    images, prompts, metadata = evaluation_samples(run)
+    scores = score_images(run, images, prompts, metadata, {run.config.reward.name: run.reward})
+    scalars = {f"eval/{label}/mean": run.accelerator.gather(values.to(run.accelerator.device)).mean()
+               for label, values in scores.items()}
+    if run.is_main:
+        grid = make_grid(images)
+        save_png(grid, Path(run.run_dir) / EVAL_DIRECTORY / f"epoch_{run.epoch:04d}.png")
+        if writer is not None:
+            writer.add_image("eval/images", grid, global_step=run.reward_queries)
+            writer.add_text("eval/captions", caption(prompts, scores), global_step=run.reward_queries)
+    return scalars
+
+
+def caption(prompts: list[str], scores: dict[str, torch.Tensor]) -> str:
+    """A Markdown table: one row per image in grid order, its prompt and every reward."""
+    labels = list(scores)
+    lines = ["| image | prompt | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+    for index, prompt in enumerate(prompts):
+        values = " | ".join(f"{float(scores[label][index]):.4g}" for label in labels)
+        lines.append(f"| {index} | {prompt or '(unconditional)'} | {values} |")
+    return "\n".join(lines)
