@@ -16,6 +16,7 @@ from ddpo.core.base import PromptSet, Reward
 from ddpo.core.config import SampleConfig
 from ddpo.core.model import Model
 from ddpo.core.multireward import EXTRAS_PREFIX, MultiReward
+from ddpo.core.profiling import PHASES
 from ddpo.core.schema import Trajectory
 
 
@@ -49,7 +50,8 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
         states.append(sample)
         log_probs.append(torch.where(stochastic, log_prob, torch.zeros_like(log_prob)))
         policy_steps.append(stochastic)
-    images = model.decode(sample)
+    with torch.profiler.record_function(PHASES["decode"]):
+        images = model.decode(sample)
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1),
         timesteps=timesteps.repeat(batch_size, 1),
@@ -126,8 +128,9 @@ class RolloutEngine:
 
     def _timed_score(self, index: int, images, prompts, metadata) -> torch.Tensor:
         start = time.perf_counter()
-        rewards = (self.reward.score_components(images, prompts, metadata) if isinstance(self.reward, MultiReward)
-                   else score(self.reward, images, prompts, metadata))
+        with torch.profiler.record_function(PHASES["reward"]):
+            rewards = (self.reward.score_components(images, prompts, metadata)
+                       if isinstance(self.reward, MultiReward) else score(self.reward, images, prompts, metadata))
         self.timeline.append(("reward", index, start, time.perf_counter()))
         return rewards
 
@@ -177,9 +180,10 @@ class RolloutEngine:
         batches = self._batches(generator, rng, shared_rng, shared_generator)
         for index, (prompts, metadata, noise, group_ids) in enumerate(batches):
             start = time.perf_counter()
-            trajectory, batch_images = sample_batch(
-                self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
-                guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise)
+            with torch.profiler.record_function(PHASES["sampling"]):  # the denoising loop, then decode
+                trajectory, batch_images = sample_batch(
+                    self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
+                    guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise)
             trajectory.group_ids = group_ids.to(trajectory.latents.device)
             self.timeline.append(("sample", index, start, time.perf_counter()))
             futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))
