@@ -51,7 +51,7 @@ def test_config_prints_the_resolved_yaml_with_plugin_defaults():
     config = yaml.safe_load(result.stdout)
     assert config["epochs"] == 5 and config["reward"] == {"name": "compressibility", "quality": 80}
     assert config["model"]["pretrained"] == "CompVis/stable-diffusion-v1-4" and config["model"]["lora_rank"] == 4
-    assert config["algorithm"] == {"name": "ddpo-is", "clip_range": 0.0001}
+    assert config["algorithm"] == {"name": "ddpo-is", "clip_range": 0.0001, "kl_weight": 0.0}
 
 
 def test_help_lists_the_commands():

@@ -12,6 +12,7 @@ import yaml
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
+from ddpo.core.preflight import check_logdir, check_resume
 
 AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
 RewardFlag = Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")]
@@ -22,6 +23,8 @@ SetFlag = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE conf
 EpochsFlag = Annotated[int | None, typer.Option("--epochs", help="Epochs to train.")]
 SeedFlag = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 DeviceFlag = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+PresetFlag = Annotated[str | None, typer.Option("--preset", help="A paper's recipe (ddpo list presets); "
+                                                "--config, --set and flags override it.")]
 
 
 def _flags(algo=None, reward=None, model=None, **top_level: Any) -> dict[str, Any]:
@@ -57,29 +60,41 @@ def build_app() -> typer.Typer:
 
     @app.command()
     def run(algo: AlgoFlag = None, reward: RewardFlag = None, model: ModelFlag = None, config: ConfigFlag = None,
-            set_: SetFlag = None, epochs: EpochsFlag = None, seed: SeedFlag = None,
+            preset: PresetFlag = None, set_: SetFlag = None, epochs: EpochsFlag = None, seed: SeedFlag = None,
             logdir: Annotated[str | None, typer.Option("--logdir", help="Directory of run directories.")] = None,
             run_name: Annotated[str | None, typer.Option("--run-name", help="Run directory name.")] = None,
             resume: Annotated[Path | None, typer.Option("--resume", help="Run directory to continue from its "
                                                         "newest checkpoint.")] = None,
-            device: DeviceFlag = None):
+            device: DeviceFlag = None,
+            profile: Annotated[bool, typer.Option("--profile", help="Write a torch profiler trace of one epoch "
+                                                  "to RUN_DIR/profile/ (sampling, decode, reward, training "
+                                                  "labelled).")] = False):
         """Train: sample, score, update, log and checkpoint, epoch after epoch."""
         base = None
         if resume is not None:
             base = _saved_config(resume)
         resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
                                                               logdir=logdir, run_name=run_name, device=device),
-                                  base=base)
+                                  base=base, preset=preset)
+        if base is not None:
+            check_resume(base, resolved.model_dump(mode="json"))
+        check_logdir(resume if resume is not None else resolved.logdir)
         from ddpo.core.trainer import train
 
-        train(resolved, resume_dir=resume)
+        train(resolved, resume_dir=resume, profile=profile)
 
     @app.command("list")
-    def list_plugins(kind: Annotated[str | None, typer.Argument(help="algorithms, rewards, models or prompts.")] = None,
+    def list_plugins(kind: Annotated[str | None, typer.Argument(help="algorithms, rewards, models, prompts "
+                                                                "or presets.")] = None,
                      as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
-        """List the installed plugins: name, package, version, description."""
+        """List the installed plugins: name, package, version, description (presets: paper and GPUs)."""
+        if kind == "presets":
+            from ddpo.core.presets import list_presets
+
+            typer.echo(list_presets(get_registry().presets, as_json), nl=False)
+            return
         if kind is not None and kind not in KINDS:
-            raise UsageError(f"unknown plugin kind '{kind}'; valid: {', '.join(KINDS)}")
+            raise UsageError(f"unknown plugin kind '{kind}'; valid: {', '.join(KINDS)}, presets")
         registry = get_registry()
         kinds = [kind] if kind else list(KINDS)
         listing = {name: [registry.plugins[name][item].as_dict() for item in registry.names(name)] for name in kinds}
@@ -97,11 +112,11 @@ def build_app() -> typer.Typer:
 
     @app.command("config")
     def show_config(algo: AlgoFlag = None, reward: RewardFlag = None, model: ModelFlag = None,
-                    config: ConfigFlag = None, set_: SetFlag = None, epochs: EpochsFlag = None,
-                    seed: SeedFlag = None, device: DeviceFlag = None):
+                    config: ConfigFlag = None, preset: PresetFlag = None, set_: SetFlag = None,
+                    epochs: EpochsFlag = None, seed: SeedFlag = None, device: DeviceFlag = None):
         """Print the merged config as YAML (what `ddpo run` with the same flags would use)."""
         resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
-                                                              device=device))
+                                                              device=device), preset=preset)
         typer.echo(resolved.to_yaml(), nl=False)
 
     @app.command()
@@ -125,18 +140,24 @@ def build_app() -> typer.Typer:
 
     @app.command()
     def compare(logdir: Annotated[Path, typer.Argument(help="A log directory (or one run directory).")],
-                tag: Annotated[str, typer.Option("--tag", help="Scalar tag to compare.")] = "reward/mean",
-                out: Annotated[Path | None, typer.Option("--out", help="PNG file for a chart of the tag "
-                                                         "against reward queries.")] = None):
-        """Compare the runs under LOGDIR: a table of the tag per run, and optionally a chart."""
-        from ddpo.core.compare import load_curves, plot, table
+                tag: Annotated[list[str] | None, typer.Option("--tag", help="Scalar tag, repeatable: the table "
+                                                              "is about the first, the chart has a panel "
+                                                              "per tag. Default reward/mean.")] = None,
+                out: Annotated[Path | None, typer.Option("--out", help="PNG file for a chart of the tags "
+                                                         "against reward queries (needs ddpo[plot]).")] = None,
+                target: Annotated[float | None, typer.Option("--target", help="Also give the reward queries "
+                                                             "each group took to reach this value.")] = None,
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False):
+        """Compare the runs under LOGDIR, grouped over seeds: a table (mean ± std over seeds) and a chart."""
+        from ddpo.core.compare import load_groups, plot, summarize, table
 
         if out is not None and out.suffix.lower() != ".png":
             raise UsageError(f"--out must be a .png file, got '{out}'")
-        curves = load_curves(logdir, tag)
-        typer.echo(table(curves, tag))
+        tags = tag or ["reward/mean"]
+        groups = load_groups(logdir, tags)
+        typer.echo(json.dumps(summarize(groups, tags, target), indent=2) if as_json else table(groups, tags, target))
         if out is not None:
-            typer.echo(f"wrote {plot(curves, tag, out)}")
+            typer.echo(f"wrote {plot(groups, tags, out)}", err=as_json)
 
     from ddpo.cli.pairs import pairs_app
 
@@ -144,6 +165,9 @@ def build_app() -> typer.Typer:
     from ddpo.cli.serve import register as register_serve_reward
 
     register_serve_reward(app)
+    from ddpo.cli.sweep import register as register_sweep
+
+    register_sweep(app)
     get_plugin_manager().hook.register_commands(app=app)
     return app
 

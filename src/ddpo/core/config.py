@@ -2,7 +2,8 @@
 
 Precedence, lowest first: built-in defaults < the model's, then the algorithm's `run_defaults` (with its
 `model_run_defaults` for the chosen model over them) < plugin
-option defaults < `--config` file (YAML or TOML) < `--set KEY=VALUE` < named flags (`--epochs` ...).
+option defaults < `--preset` (a paper's recipe, `ddpo.core.presets`) < `--config` file (YAML or TOML)
+< `--set KEY=VALUE` < named flags (`--epochs` ...).
 Plugin sections (`algorithm`, `reward`, `model`, `prompts`) hold a `name` plus that plugin's options,
 validated by the plugin's own `Options`. When a layer names a different plugin, the options of the layers
 below it for that section are dropped (they belonged to the other plugin).
@@ -44,7 +45,7 @@ class SampleConfig(Section):
     """Sampling batches per epoch; samples per epoch = batch_size x batches_per_epoch x processes."""
     num_steps: int = pydantic.Field(50, ge=1)
     """Denoising steps per trajectory."""
-    eta: float = pydantic.Field(1.0, ge=0.0)
+    eta: float = pydantic.Field(1.0, ge=0.0, le=1.0)
     """DDIM noise weight: 1.0 is fully stochastic; 0 is deterministic and refused by log-prob algorithms."""
     guidance_scale: float = pydantic.Field(5.0, ge=0.0)
     """Classifier-free guidance weight, in sampling and in training (1 or less: no guidance)."""
@@ -69,6 +70,16 @@ class TrainConfig(Section):
     """Fraction of each trajectory's policy steps trained on (a random subset per sample)."""
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     """Gradients are clipped to this norm before each optimizer step."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """The policy's optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the backward pass: less memory, about a third more compute."""
+    max_skipped_steps: int = pydantic.Field(10, ge=1)
+    """An optimizer step with a non-finite loss or gradient is skipped (train/skipped_steps); this many in a row
+    stop the run with an error, its checkpoints intact."""
+    grad_norm_spike_factor: float | None = pydantic.Field(None, gt=1)
+    """Count a step whose gradient norm exceeds this factor times the running average of earlier norms as a
+    spike (train/grad_norm_spikes); unset: no spike detection."""
 
 
 class AdvantageConfig(Section):
@@ -91,8 +102,9 @@ class EvalConfig(Section):
     """Evaluate every N epochs."""
     num_steps: int | None = pydantic.Field(None, ge=1)
     """Denoising steps of a separate evaluation sampling: a fixed set of prompts and seeds (the same every
-    epoch, sample.batch_size images per process), scored by the training reward and every eval reward; unset:
-    the eval rewards score the epoch's training samples."""
+    epoch, sample.batch_size images per process), scored by the training reward and every eval reward, its grid
+    saved as eval/epoch_NNNN.png and logged as eval/images with the text eval/captions; unset: the eval rewards
+    score the epoch's training samples."""
 
     def sections(self) -> list[PluginSection]:
         """Every eval reward as a plugin section."""
@@ -225,7 +237,8 @@ def validate_run_config(data: dict[str, Any]) -> RunConfig:
 
 
 def resolve_config(config_file: str | Path | None = None, sets: list[str] | tuple[str, ...] = (),
-                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
+                   preset: str | None = None) -> RunConfig:
     """Merge every layer, validate it and every plugin's options, and return the resolved config.
 
     Args:
@@ -233,10 +246,13 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
         sets: `KEY=VALUE` assignments from `--set`.
         flags: named flags as nested config values (None values are ignored).
         base: a lowest user layer (the saved config of a run being resumed).
+        preset: the name of a registered preset, a layer under `base`.
     """
     from ddpo.core.plugins import get_registry
+    from ddpo.core.presets import find_preset
 
-    user = dict(base or {})
+    user = find_preset(get_registry().presets, preset).config() if preset is not None else {}
+    user = merge(user, base or {})
     if config_file is not None:
         user = merge(user, load_config_file(config_file))
     for assignment in sets:

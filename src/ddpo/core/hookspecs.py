@@ -60,6 +60,14 @@ def register_prompts(register: Callable[[type[PromptSet]], None]) -> None:
 
 
 @hookspec
+def register_presets(register: Callable[[str | Path], None]) -> None:
+    """Register presets: YAML files of a config plus a `preset:` mapping ({paper, gpus, description}).
+
+    :param register: call it once per preset file; the file's stem is the `--preset` value.
+    """
+
+
+@hookspec
 def register_commands(app: typer.Typer) -> None:
     """Add CLI commands. Called when the CLI starts, before arguments are parsed.
 
@@ -136,8 +144,21 @@ def on_checkpoint(run: Run, path: Path) -> None:
 
 
 @hookspec
+def on_exception(run: Run, exception: BaseException) -> None:
+    """Called on every rank when the run fails after `on_run_start`: an error in an epoch or a hook, Ctrl-C
+    (after the interrupted run's checkpoint was saved) or a run stopped by the numerical guards. `on_run_end`
+    follows.
+
+    :param run: the run; `run.epoch` is the epoch that failed.
+    :param exception: what was raised (KeyboardInterrupt for a second Ctrl-C, `ddpo.core.guards.RunInterrupted`
+        for the first).
+    """
+
+
+@hookspec
 def on_run_end(run: Run) -> None:
-    """Called on every rank after the last epoch and its checkpoint.
+    """Called on every rank once the run is over: after the last epoch and its checkpoint, and also when the
+    run failed (after `on_exception`), so a plugin that saw `on_run_start` can always release its resources.
 
     :param run: the run.
     """

@@ -41,6 +41,14 @@ class ModelOptions(Options):
     """Spacing of the DDIM/DDPM sampling timesteps (diffusers' `timestep_spacing`); pipeline: as its scheduler
     config says. "trailing" ends on t = T/n - 1 instead of 0, so no stochastic step lands on the nearly
     noiseless alphas_cumprod[0]."""
+    compile: bool = False
+    """torch.compile the denoiser in training runs (the first epoch pays the compilation)."""
+    channels_last: bool = False
+    """Keep the denoiser's weights in channels-last memory format (faster convolutions on many GPUs)."""
+    sample_precision: Literal["same", "no", "fp16", "bf16"] = "same"
+    """Autocast dtype of the sampling phase's forward passes ("same": the run's mixed_precision); the log-prob
+    math stays float32. Lower precision samples faster where the hardware has it, but moves the sampled
+    log-probs away from the training pass's, which PPO's clip counts as a policy change."""
 
 
 class Model(Plugin):
@@ -66,6 +74,8 @@ class Model(Plugin):
         self.device = None
         self.autocast = contextlib.nullcontext
         """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
+        self.sample_autocast = None
+        """Context for them inside `sampling()` (None: `autocast`); the trainer sets it by `sample_precision`."""
 
     # -- what a plugin implements -------------------------------------------------------------------
 
@@ -199,10 +209,23 @@ class Model(Plugin):
             self.denoiser = policy
 
     def unwrapped_denoiser(self):
-        """The denoiser without the wrappers accelerate adds (DDP, compile)."""
+        """The denoiser without the wrappers accelerate and `model.compile` add (DDP, compile), so parameter
+        names carry no `module.` or `_orig_mod.` prefix."""
         from accelerate.utils import extract_model_from_parallel
 
-        return extract_model_from_parallel(self.denoiser)
+        return extract_model_from_parallel(self.denoiser, keep_torch_compile=False)
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """Inside, denoiser forward passes run under `sample_autocast` (the sampling phase's precision)."""
+        if self.sample_autocast is None:
+            yield
+            return
+        training_autocast, self.autocast = self.autocast, self.sample_autocast
+        try:
+            yield
+        finally:
+            self.autocast = training_autocast
 
     def configure_training(self) -> None:
         """Freeze the denoiser and add LoRA adapters, or unfreeze it all, by `options.use_lora`."""

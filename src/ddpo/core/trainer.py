@@ -22,13 +22,19 @@ from ddpo.core.advantages import PerPromptStatTracker
 from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo.core.config import RunConfig, eval_label
+from ddpo.core.console import report_epoch
 from ddpo.core.errors import UsageError
+from ddpo.core.evaluation import evaluate, evaluate_fixed_set
+from ddpo.core.guards import InterruptibleProgress, RunGuard, stop_cleanly
 from ddpo.core.images import make_grid, save_png
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
 from ddpo.core.multireward import combine_epoch_rewards
+from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser, sampling_autocast
 from ddpo.core.plugins import get_plugin_manager, get_registry
-from ddpo.core.rollout import RolloutEngine, sample_batch, score
+from ddpo.core.preflight import probe_rewards
+from ddpo.core.profiling import PHASES, EpochProfiler
+from ddpo.core.rollout import RolloutEngine
 from ddpo.core.run import Run, derive_seed
 from ddpo.core.sampling import ensure_device_available
 
@@ -73,8 +79,9 @@ def _run_dir(config: RunConfig, accelerator: Accelerator, resume_dir: Path | Non
     return run_dir
 
 
-def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
-    """Train as the config says (resuming `resume_dir` from its newest checkpoint if given).
+def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = False) -> Path:
+    """Train as the config says (resuming `resume_dir` from its newest checkpoint if given). With `profile`,
+    one epoch is traced with torch.profiler into the run directory (ddpo.core.profiling).
 
     Returns the run directory.
     """
@@ -96,17 +103,20 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
     model.configure_training()
     for scorer in (reward, *eval_rewards.values()):
         scorer.load(accelerator.device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate,
-                                  betas=config.train.adam_betas, weight_decay=config.train.weight_decay,
-                                  eps=config.train.adam_epsilon)
+    probe_rewards(model, [reward, *eval_rewards.values()], prompt_set, registry)
+    optimizer = make_optimizer(model.trainable_parameters(), config.train)
+    prepare_denoiser(model, config.train.gradient_checkpointing)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     model.autocast = accelerator.autocast
+    model.sample_autocast = sampling_autocast(model, accelerator.device, accelerator.autocast)
+    compile_denoiser(model)
 
     tracker = (PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
                if config.advantage.per_prompt_stat_tracking else None)
     run = Run(config=config, accelerator=accelerator, model=model, reward=reward, algorithm=algorithm,
               prompt_set=prompt_set, run_dir=run_dir, optimizer=optimizer, stat_tracker=tracker,
               eval_rewards=eval_rewards)
+    run.guard = RunGuard(accelerator, config.train)
     if algorithm.needs_reference:
         model.prepare_reference()
     algorithm.setup(run)
@@ -127,18 +137,30 @@ def train(config: RunConfig, resume_dir: Path | None = None) -> Path:
     engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                            share_group_noise=algorithm.shares_group_noise())
+    profiler = EpochProfiler(run_dir, first_epoch=run.epoch + 1, last_epoch=config.epochs,
+                             enabled=profile and accelerator.is_main_process)
     hooks.on_run_start(run=run)
     grid_path = None
     try:
-        for epoch in range(run.epoch + 1, config.epochs + 1):
-            run.epoch = epoch
-            record, grid_path = _train_epoch(run, engine, logger, hooks)
-            hooks.on_epoch_end(run=run, epoch=epoch, metrics=record)
-            if epoch % config.save_every == 0 or epoch == config.epochs:
-                path = save_checkpoint(run)
-                hooks.on_checkpoint(run=run, path=path)
-        hooks.on_run_end(run=run)
+        with run.guard.handling_interrupts():
+            for epoch in range(run.epoch + 1, config.epochs + 1):
+                run.epoch = epoch
+                with profiler.epoch(epoch):
+                    record, grid_path = _train_epoch(run, engine, logger, hooks)
+                hooks.on_epoch_end(run=run, epoch=epoch, metrics=record)
+                if accelerator.is_main_process:
+                    report_epoch(record, config.epochs)
+                if epoch % config.save_every == 0 or epoch == config.epochs:
+                    path = save_checkpoint(run)
+                    hooks.on_checkpoint(run=run, path=path)
+    except BaseException as error:
+        reported = stop_cleanly(run, error)  # Ctrl-C: save what can be resumed first
+        hooks.on_exception(run=run, exception=error)
+        if reported is error:
+            raise
+        raise reported from None
     finally:
+        hooks.on_run_end(run=run)
         engine.close()
         if logger is not None:
             logger.close()
@@ -161,10 +183,12 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     if offline is not None:
         trajectory, images = offline
     else:
-        with run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar:
+        with (run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar,
+              run.model.sampling()):
             trajectory, images = engine.collect(
                 run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
-                                                                   "prompts")), progress=bar,
+                                                                   "prompts")),
+                progress=InterruptibleProgress(bar, run.guard),
                 shared_rng=random.Random(derive_seed(config.seed, epoch, "group-prompts")),
                 shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")))
     component_means = combine_epoch_rewards(run, trajectory)  # a multi reward's per-epoch combination, else {}
@@ -183,7 +207,9 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     trajectory.validate()
 
     run.model.denoiser.train()
-    metrics = dict(run.algorithm.update(run, trajectory))
+    run.guard.start_epoch()
+    with torch.profiler.record_function(PHASES["training"]):
+        metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}
     hooks.on_update_end(run=run, metrics=metrics)
 
     rewards = run.gathered_rewards
@@ -191,9 +217,9 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
                "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **metrics}
     if epoch % config.eval.every == 0:
         if config.eval.num_steps is not None:
-            scalars.update(_evaluate(run, *_evaluation_samples(run), scorers={config.reward.name: run.reward}))
+            scalars.update(evaluate_fixed_set(run, logger.writer if logger is not None else None))
         elif run.eval_rewards:
-            scalars.update(_evaluate(run, images, trajectory.prompts, trajectory.prompt_metadata))
+            scalars.update(evaluate(run, images, trajectory.prompts, trajectory.prompt_metadata))
     seconds = time.perf_counter() - started
     scalars.update({"perf/epoch_seconds": seconds, "perf/samples_per_second": len(rewards) / seconds,
                     "perf/peak_memory_mb": _peak_memory_mb(accelerator.device)})
@@ -206,30 +232,3 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
         record = logger.log_epoch(epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid)
     return record, grid_path
 
-
-def _evaluation_samples(run: Run) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """Sample the fixed evaluation set: `sample.batch_size` images per process from the same prompts and seeds
-    every epoch, with `eval.num_steps` steps. Returns the images and their prompts and metadata."""
-    config = run.config
-    seed = derive_seed(config.seed, run.accelerator.process_index, "evaluation")
-    engine = RolloutEngine(run.model, run.reward, run.prompt_set, config.sample)
-    prompts, metadata = engine.draw_prompts(random.Random(seed))
-    engine.close()
-    run.model.denoiser.eval()
-    _, images = sample_batch(run.model, prompts, metadata, num_steps=config.eval.num_steps, eta=config.sample.eta,
-                             guidance_scale=config.sample.guidance_scale, generator=torch.Generator().manual_seed(seed))
-    return images.cpu(), prompts, metadata
-
-
-def _evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict],
-              scorers: dict | None = None) -> dict[str, float]:
-    """Score images with every evaluation reward (and `scorers`); means over all processes."""
-    results = {}
-    size = run.config.sample.batch_size
-    for label, scorer in {**(scorers or {}), **run.eval_rewards}.items():
-        values = torch.cat([
-            score(scorer, images[start:start + size].to(run.accelerator.device), prompts[start:start + size],
-                  metadata[start:start + size])
-            for start in range(0, len(images), size)])
-        results[f"eval/{label}/mean"] = run.accelerator.gather(values.to(run.accelerator.device)).mean()
-    return results
