@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_model
 
 PLUGIN = '''
 import json, os, resource
@@ -35,13 +36,6 @@ def on_epoch_end(run, epoch, metrics):
 '''
 TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
         "--set", "train.batch_size=8", "--set", "train.grad_accum=1"]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def disk_mb(path: Path) -> float:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_startup import cpu_model
+from machine import cpu_model
 
 BASE = {"sample.batch_size": 8, "sample.batches_per_epoch": 2, "sample.num_steps": 10, "train.batch_size": 8,
         "train.grad_accum": 1}

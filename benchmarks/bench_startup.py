@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from machine import cpu_model
 
 FIRST_STEP = "ddpo-bench-first-step"
 # Runs the real CLI with Model.step wrapped: the first call prints the wall-clock time it returned at.
@@ -38,16 +38,6 @@ main(sys.argv[1:])
 FLOOR_IMPORTS = "import torch; from diffusers import DDPMPipeline"
 TINY_RUN = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
             "--set", "train.batch_size=8", "--epochs", "1"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_command(args: list[str]) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import tempfile
 import time
 import venv
 from pathlib import Path
+
+from machine import cpu_model
 
 HERE = Path(__file__).resolve().parent
 TRL_VENV = HERE / ".venv-trl"
@@ -52,16 +53,6 @@ OPTIONS = {
     "grad-ckpt": (["train.gradient_checkpointing=true"], "memory"),
     "adamw8bit": (["train.optimizer=adamw8bit"], "memory"),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
