@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+
 from machine import cpu_model
 
 FIRST_STEP = "ddpo-bench-first-step"
