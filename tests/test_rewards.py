@@ -410,4 +410,4 @@ def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_
         assert math.isfinite(record[f"reward/{label}/mean"]), label
     assert record["reward/remote/mean"] < 0  # compressibility: minus the JPEG size
     assert abs(record["reward/mean"]) < 1e-5  # z-scored components sum to mean 0
-    assert jpeg_server.batch_sizes == [4]
+    assert jpeg_server.batch_sizes == [2, 4]  # the start-up probe's two images, then the epoch's batch
