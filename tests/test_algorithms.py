@@ -121,3 +121,25 @@ def test_ddpo_is_kl_weight_holds_the_policy_near_the_pretrained_model(tiny_ddpm,
         assert ("loss/kl" in metrics) == (weight > 0) and metrics["train/optimizer_steps"] == 4
         distances[weight] = kl_to_reference(run.model, trajectory, run.config)
     assert 0 < distances[50.0] < 0.7 * distances[0.0], distances
+
+
+@pytest.mark.parametrize("fraction, inner_epochs", [(1.0, 1), (0.5, 2)])
+def test_an_update_trains_timestep_fraction_of_the_steps_for_each_inner_epoch(fraction, inner_epochs, tiny_ddpm,
+                                                                             tmp_path):
+    run, trajectory = make_run(tiny_ddpm, DDPOImportanceSampling(), tmp_path, learning_rate=1e-5, batch_size=4,
+                               grad_accum=1, timestep_fraction=fraction, inner_epochs=inner_epochs)
+    trajectory.advantages = torch.linspace(-1, 1, 8)
+    trained_steps = []
+    step_log_prob = run.model.step_log_prob
+
+    def counting(transitions, *args, **kwargs):
+        trained_steps.extend(transitions.steps.tolist())
+        return step_log_prob(transitions, *args, **kwargs)
+
+    run.model.step_log_prob = counting
+    metrics = run.algorithm.update(run, trajectory)
+    policy_steps = int(trajectory.policy_steps[0].sum())
+    per_sample = max(1, int(policy_steps * fraction))
+    assert len(trained_steps) == inner_epochs * 8 * per_sample  # every sample, `per_sample` of its steps
+    assert set(trained_steps) <= set(trajectory.policy_steps[0].nonzero().flatten().tolist())
+    assert metrics["train/optimizer_steps"] == inner_epochs * 2  # 8 samples / batch 4, per inner epoch
