@@ -9,12 +9,16 @@ from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
 from ddpo.core.config import resolve_config
 from ddpo.core.rollout import sample_batch
 from ddpo.core.run import Run
+from ddpo.plugins.algorithms.d3po import D3PO
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
+from ddpo.plugins.algorithms.dpok import DPOK
+from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
 from ddpo.plugins.models.ddpm import PixelDDPM
 
 
-def make_run(tiny_ddpm, algorithm, tmp_path, **train):
-    """A Run around the tiny DDPM (trained in full) and one batch of 8 trajectories sampled from it."""
+def make_run(tiny_ddpm, algorithm, tmp_path, optimizer=torch.optim.AdamW, **train):
+    """A Run around the tiny DDPM (trained in full, by `optimizer`) and one batch of 8 trajectories sampled
+    from it."""
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)
     model.configure_training()
@@ -22,7 +26,7 @@ def make_run(tiny_ddpm, algorithm, tmp_path, **train):
     config = resolve_config(None, ["sample.num_steps=6", "sample.batch_size=8", "sample.batches_per_epoch=1", *sets],
                             {"model": {"name": "ddpm"}})
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate)
+    optimizer = optimizer(model.trainable_parameters(), lr=config.train.learning_rate)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     run = Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=algorithm,
               prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
@@ -143,3 +147,43 @@ def test_an_update_trains_timestep_fraction_of_the_steps_for_each_inner_epoch(fr
     assert len(trained_steps) == inner_epochs * 8 * per_sample  # every sample, `per_sample` of its steps
     assert set(trained_steps) <= set(trajectory.policy_steps[0].nonzero().flatten().tolist())
     assert metrics["train/optimizer_steps"] == inner_epochs * 2  # 8 samples / batch 4, per inner epoch
+
+
+@pytest.mark.parametrize("algorithm", [
+    lambda: DDPOImportanceSampling({"clip_range": 0.2, "kl_weight": 0.5}), DDPOScoreFunction,
+    lambda: DPOK({"value_baseline": False}), lambda: GroupRelativePolicyOptimization({"kl_beta": 0.5}), D3PO,
+], ids=["ddpo-is", "ddpo-sf", "dpok", "grpo", "d3po"])
+def test_stacking_steps_in_one_pass_gives_the_same_update(algorithm, tiny_ddpm, tmp_path):
+    """`train.steps_per_pass` only batches the forward passes: 5 policy steps in passes of 3 and 2 (a remainder)
+    give the update of one pass per step. SGD, so that the weights move by exactly lr x gradient."""
+    results = []
+    for steps_per_pass in (1, 3):
+        run, trajectory = make_run(tiny_ddpm, algorithm(), tmp_path / str(steps_per_pass), optimizer=torch.optim.SGD,
+                                   learning_rate=1.0, batch_size=4, grad_accum=2, steps_per_pass=steps_per_pass)
+        if run.algorithm.needs_reference:
+            run.model.prepare_reference()
+        trajectory.rewards = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.5, 0.5, 0.3, 0.7])  # d3po: 3 pairs and a tie
+        trajectory.group_ids = torch.arange(8) // 2
+        trajectory.advantages = torch.linspace(-1, 1, 8)
+        passes = []
+        step_log_prob = run.model.step_log_prob
+
+        def counting(transitions, *args, **kwargs):
+            passes.append(len(transitions.steps))
+            return step_log_prob(transitions, *args, **kwargs)
+
+        run.model.step_log_prob = counting
+        start = [parameter.detach().clone() for parameter in run.model.trainable_parameters()]
+        metrics = run.algorithm.update(run, trajectory)
+        moved = [parameter.detach() - before for parameter, before in zip(run.model.trainable_parameters(), start,
+                                                                           strict=True)]
+        results.append((passes, metrics, torch.cat([change.flatten() for change in moved])))
+    assert trajectory.num_train_steps() == 5  # so passes of 3 steps leave a remainder of 2
+    (single_passes, single, single_moved), (stacked_passes, stacked, stacked_moved) = results
+    assert set(single_passes) == {4} and set(stacked_passes) == {12, 8}  # rows: 4 trajectories x steps
+    assert sum(stacked_passes) == sum(single_passes)
+    assert stacked["train/optimizer_steps"] == single["train/optimizer_steps"]
+    assert single_moved.abs().max() > 1e-4  # the update moved the weights
+    torch.testing.assert_close(stacked_moved, single_moved, rtol=1e-4, atol=1e-6)
+    for tag in ("loss/policy", "loss/total", "policy/approx_kl", "policy/ratio_mean"):  # epoch means over steps
+        assert stacked[tag] == pytest.approx(single[tag], rel=1e-4, abs=1e-6), tag

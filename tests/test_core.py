@@ -16,7 +16,7 @@ from ddpo.core.config import SampleConfig, resolve_config
 from ddpo.core.policy import clipped_surrogate
 from ddpo.core.rollout import RolloutEngine, sample_batch
 from ddpo.core.run import Run
-from ddpo.core.schema import Trajectory, Transitions
+from ddpo.core.schema import Trajectory, Transitions, stack_transitions
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd import StableDiffusion
@@ -134,7 +134,25 @@ def test_transitions_carry_every_field_of_the_trajectory():
             carried = getattr(transitions, item.name)
             assert carried is value or carried == value, item.name
             names.discard(item.name)
-    assert names == {"steps"}
+    assert names == {"steps", "positions"} and transitions.positions == 1
+
+
+def test_stacked_positions_are_the_positions_one_after_the_other():
+    trajectory = full_trajectory()
+    trajectory.prompt_embeds = {"prompt_embeds": trajectory.prompt_embeds, "pooled": torch.randn(4, 2)}  # SD3's kind
+    first, second = trajectory.transitions(torch.tensor([0, 2, 1, 1])), trajectory.transitions(torch.tensor([1, 0, 2, 0]))
+    stacked = stack_transitions([first, second])
+    assert stacked.positions == 2 and stack_transitions([first]) is first
+    for item in dataclasses.fields(Transitions):
+        value, one, two = getattr(stacked, item.name), getattr(first, item.name), getattr(second, item.name)
+        if item.name == "positions":
+            continue
+        if isinstance(one, dict):
+            assert set(value) == set(one) and all(torch.equal(value[key], torch.cat([one[key], two[key]])) for key in one)
+        elif isinstance(one, list):
+            assert value == one + two, item.name
+        else:
+            assert torch.equal(value, torch.cat([one, two])), item.name
 
 
 def test_groups_train_together_at_the_same_step():

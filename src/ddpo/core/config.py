@@ -68,6 +68,11 @@ class TrainConfig(Section):
     """Passes over each epoch's samples."""
     timestep_fraction: float = pydantic.Field(1.0, gt=0, le=1)
     """Fraction of each trajectory's policy steps trained on (a random subset per sample)."""
+    steps_per_pass: int = pydantic.Field(1, ge=1)
+    """Trained steps of a minibatch stacked into one forward pass of the denoiser (batch_size x steps_per_pass
+    rows). The update is the same (an optimizer step sums a minibatch's steps either way); larger passes run a
+    small model much faster and hold more activations. Used by the step-wise algorithms (ddpo-is/sf, dpok,
+    grpo, d3po); tdpo-r (one step position at a time) and rwr (final samples) do not stack steps."""
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     """Gradients are clipped to this norm before each optimizer step."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"

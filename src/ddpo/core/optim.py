@@ -40,7 +40,9 @@ class GradientAccumulator:
     """Counts micro-steps; every `micro_steps`-th one clips each module's gradients and steps its optimizer.
 
     Use one `with accumulator.micro_step():` block per forward+backward, and call `accumulator.backward(loss)`
-    inside it; the loss is divided by `micro_steps` so the step uses the mean gradient.
+    inside it; the loss is divided by `micro_steps` so the step uses the mean gradient. A forward pass over
+    several micro-steps' rows at once (stacked step positions) is `micro_step(size)`: its mean loss counts
+    `size` times.
     """
 
     def __init__(self, accelerator: Accelerator, modules: list[TrainedModule], micro_steps: int,
@@ -51,6 +53,8 @@ class GradientAccumulator:
         self.modules = modules
         self.micro_steps = micro_steps
         self.count = 0
+        self.size = 1
+        """The micro-steps the current forward pass stands for."""
         self.optimizer_steps = 0
         self.guard = guard
         """Skips steps with non-finite losses or gradients and stops at Ctrl-C after a step (see guards.py)."""
@@ -64,9 +68,14 @@ class GradientAccumulator:
         return self.grad_norms[self.modules[0].name]
 
     @contextlib.contextmanager
-    def micro_step(self):
-        """One forward+backward; gradients sync across processes only when this micro-step steps."""
-        self.count += 1
+    def micro_step(self, size: int = 1):
+        """One forward+backward standing for `size` micro-steps; gradients sync across processes only when it
+        completes an optimizer step. It must not run past one."""
+        if self.count // self.micro_steps != (self.count + size - 1) // self.micro_steps:
+            raise ValueError(f"a pass of {size} micro-steps after {self.count % self.micro_steps} of "
+                             f"{self.micro_steps} runs past the optimizer step")
+        self.count += size
+        self.size = size
         stepping = self.count % self.micro_steps == 0
         with contextlib.ExitStack() as stack:
             if not stepping:
@@ -90,7 +99,7 @@ class GradientAccumulator:
     def backward(self, loss: torch.Tensor) -> None:
         if self.guard is not None:
             self.losses_finite &= bool(torch.isfinite(loss.detach()).all())
-        self.accelerator.backward(loss / self.micro_steps)
+        self.accelerator.backward(loss * self.size / self.micro_steps)
 
     def check_finished(self) -> None:
         """Fail loudly if gradients are left over (the micro-step count did not divide evenly)."""

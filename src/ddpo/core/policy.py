@@ -10,6 +10,7 @@ recomputed log-probs do not match the sampled ones, the bug users of other tools
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
@@ -42,29 +43,33 @@ class EpochStatistics:
 
     def __init__(self):
         self.values: dict[str, list[float]] = defaultdict(list)
+        self.weights: dict[str, list[float]] = defaultdict(list)
         self.ratio_dev_first = 0.0
 
-    def add(self, tags: dict[str, float]) -> None:
-        """Record one micro-step's scalars by tag ({"loss/policy": ...})."""
+    def add(self, tags: dict[str, float], positions: int = 1) -> None:
+        """Record one pass's scalars by tag ({"loss/policy": ...}); a pass over `positions` stacked step
+        positions counts that many times in the epoch mean, as its positions would one by one."""
         for tag, value in tags.items():
-            self.values[tag].append(float(value))
+            self.values[tag].append(float(value) * positions)
+            self.weights[tag].append(positions)
 
     def add_ratio(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float | None,
-                  first_minibatch: bool) -> None:
+                  first_minibatch: bool, positions: int = 1) -> None:
         """Record `policy/approx_kl`, `policy/ratio_mean`, `policy/clipfrac` (when there is a clip range) and,
         for a transition of the first minibatch before any optimizer step, `policy/ratio_dev_first`."""
         log_ratio = (log_prob - old_log_prob).detach()
         ratio = log_ratio.exp()
-        self.add({"policy/approx_kl": 0.5 * (log_ratio**2).mean().item(), "policy/ratio_mean": ratio.mean().item()})
+        self.add({"policy/approx_kl": 0.5 * (log_ratio**2).mean().item(), "policy/ratio_mean": ratio.mean().item()},
+                 positions)
         if clip_range is not None:
-            self.add({"policy/clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item()})
+            self.add({"policy/clipfrac": ((ratio - 1).abs() > clip_range).float().mean().item()}, positions)
         if first_minibatch:
             self.ratio_dev_first = max(self.ratio_dev_first, (ratio - 1).abs().max().item())
 
     def summary(self, accumulator=None) -> dict[str, float]:
         """Epoch means of every tag, `policy/ratio_dev_first` if ratios were recorded, and the accumulator's
         optimizer step count and last gradient norm; `loss/total` defaults to `loss/policy`."""
-        summary = {tag: sum(values) / len(values) for tag, values in self.values.items()}
+        summary = {tag: sum(values) / sum(self.weights[tag]) for tag, values in self.values.items()}
         if "policy/ratio_mean" in summary:
             summary["policy/ratio_dev_first"] = self.ratio_dev_first
         if "loss/policy" in summary:
@@ -73,3 +78,26 @@ class EpochStatistics:
             summary["train/optimizer_steps"] = float(accumulator.optimizer_steps)
             summary["train/grad_norm"] = accumulator.last_grad_norm
         return summary
+
+
+def policy_passes(run, trajectory, accumulator, group_size: int = 1) -> Iterator[tuple[object, bool]]:
+    """The training loop of the step-wise policy algorithms: `train.inner_epochs` passes over the trajectories in
+    DDPO's order (`Trajectory.training_transitions`, a generator per inner epoch), `train.steps_per_pass` step
+    positions of a minibatch stacked per forward pass, each inside its accumulator micro-step, with the progress
+    bar. Yields `(transitions, first_minibatch)`, `first_minibatch` True before the epoch's first optimizer step;
+    the caller computes the loss and calls `accumulator.backward` before asking for the next."""
+    config = run.config.train
+    steps_per_sample = trajectory.num_train_steps(config.timestep_fraction)
+    total = config.inner_epochs * (trajectory.batch_size // config.batch_size) * steps_per_sample
+    with run.progress(total, f"epoch {run.epoch}/{run.config.epochs} training") as bar:
+        for inner_epoch in range(config.inner_epochs):
+            positions_done = 0
+            for transitions in trajectory.training_transitions(
+                    config.batch_size, run.generator(f"train-{inner_epoch}"), config.timestep_fraction,
+                    group_size=group_size, steps_per_pass=config.steps_per_pass):
+                first_minibatch = inner_epoch == 0 and positions_done < steps_per_sample
+                with accumulator.micro_step(transitions.positions):
+                    yield transitions, first_minibatch
+                positions_done += transitions.positions
+                bar.update(transitions.positions)
+    accumulator.check_finished()

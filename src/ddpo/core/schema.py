@@ -195,10 +195,15 @@ class Trajectory:
         return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
 
     def training_transitions(self, batch_size: int, generator: torch.Generator, fraction: float = 1.0,
-                             group_size: int = 1, steps_outer: bool = False) -> Iterator[Transitions]:
+                             group_size: int = 1, steps_outer: bool = False,
+                             steps_per_pass: int = 1) -> Iterator[Transitions]:
         """DDPO's training order: shuffle the samples, draw each sample's steps in its own random order
         (`shuffled_steps`), then for each minibatch of `batch_size`, yield its transitions step position by
         step position. Yields (B / batch_size) x n transitions of `batch_size` samples.
+
+        With `steps_per_pass` P > 1, P consecutive step positions of a minibatch come stacked in one
+        `Transitions` of P x `batch_size` rows (position-major, `positions` = P; the minibatch's last one may hold
+        fewer): one forward pass instead of P, in the same order.
 
         With `steps_outer` (TDPO's temporal order) the loops swap: for each step position, every minibatch.
         With `group_size` k > 1 (pairs, GRPO groups), groups are shuffled whole and their members share a step
@@ -215,8 +220,10 @@ class Trajectory:
                     yield minibatch.transitions(minibatch_steps[:, position])
             return
         for minibatch, minibatch_steps in pairs:
-            for position in range(minibatch_steps.shape[1]):
-                yield minibatch.transitions(minibatch_steps[:, position])
+            for start in range(0, minibatch_steps.shape[1], steps_per_pass):
+                yield stack_transitions([minibatch.transitions(minibatch_steps[:, position])
+                                         for position in range(start, min(start + steps_per_pass,
+                                                                          minibatch_steps.shape[1]))])
 
     def transitions(self, steps: torch.Tensor) -> Transitions:
         """The transition each sample takes at its step `steps[b]` ((B,) int64 indices into the steps)."""
@@ -244,7 +251,8 @@ def _transition_fields() -> list[tuple[str, Any, Any]]:
     for item in fields(Trajectory):
         names.extend(item.metadata["transition_names"] or (item.name,))
     specs = [(name, Any, field(default=None)) for name in names if name != "extras"]
-    return [*specs, ("steps", Any, field(default=None)), ("extras", Any, field(default_factory=dict))]
+    return [*specs, ("steps", Any, field(default=None)), ("extras", Any, field(default_factory=dict)),
+            ("positions", int, field(default=1))]
 
 
 Transitions = make_dataclass("Transitions", _transition_fields())
@@ -259,4 +267,26 @@ Attributes:
     advantages: (B,) the sample's advantage, or its step's for per-step advantages.
     prompts, prompt_metadata (B entries), prompt_embeds (B, L, D), rewards, group_ids (B,), extras: per sample.
     steps: (B,) int64, the index of the step within its trajectory.
+    positions: how many step positions of the same trajectories are stacked in these rows (1, or P from
+        `stack_transitions`: then every field's B is P x the trajectories, position-major).
 """
+
+
+def stack_transitions(parts: list[Transitions]) -> Transitions:
+    """Stack the transitions of several step positions into one batch (tensors and lists concatenated in order,
+    dicts per key), to train them in one forward pass; `positions` adds up. One part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def stacked(values: list):
+        if values[0] is None:
+            return None
+        if isinstance(values[0], dict):
+            return {key: stacked([value[key] for value in values]) for key in values[0]}
+        if isinstance(values[0], list):
+            return [entry for value in values for entry in value]
+        return torch.cat(values)
+
+    changes = {item.name: stacked([getattr(part, item.name) for part in parts]) for item in fields(parts[0])
+               if item.name != "positions"}
+    return replace(parts[0], **changes, positions=sum(part.positions for part in parts))

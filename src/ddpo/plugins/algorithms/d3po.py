@@ -241,7 +241,7 @@ class D3PO(ddpo.Algorithm):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.policy import EpochStatistics
+        from ddpo.core.policy import EpochStatistics, policy_passes
 
         config = run.config
         if trajectory.group_ids is not None and not torch.equal(trajectory.group_ids[0::2],
@@ -249,34 +249,23 @@ class D3PO(ddpo.Algorithm):
             raise ValueError("d3po trains on pairs in rows 2j, 2j+1 with one group id; sample with group_size=2")
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
         statistics = EpochStatistics()
         judged = preferred = 0
         margins = 0.0
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for inner_epoch in range(config.train.inner_epochs):
-                generator = run.generator(f"train-{inner_epoch}")
-                for index, transitions in enumerate(trajectory.training_transitions(
-                        config.train.batch_size, generator, config.train.timestep_fraction, group_size=2)):
-                    first_minibatch = inner_epoch == 0 and index < steps_per_sample
-                    with accumulator.micro_step():
-                        log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                               config.sample.guidance_scale)
-                        with torch.no_grad(), run.model.reference():
-                            ref_log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                                       config.sample.guidance_scale)
-                        loss, margin, valid, clamped = preference_loss(
-                            log_prob, ref_log_prob, pair_labels(transitions.rewards), self.options.beta,
-                            self.options.eps)
-                        accumulator.backward(loss)
-                    judged += int(valid.sum())
-                    preferred += int((margin[valid] > 0).sum())
-                    margins += float(margin[valid].sum())
-                    statistics.add({"loss/policy": loss.item(),
-                                    "d3po/clamped_fraction": clamped.float().mean().item()})
-                    statistics.add_ratio(log_prob, transitions.log_probs, None, first_minibatch)
-                    bar.update(1)
-        accumulator.check_finished()
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, group_size=2):
+            log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
+            with torch.no_grad(), run.model.reference():
+                ref_log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
+                                                           config.sample.guidance_scale)
+            loss, margin, valid, clamped = preference_loss(log_prob, ref_log_prob, pair_labels(transitions.rewards),
+                                                           self.options.beta, self.options.eps)
+            accumulator.backward(loss)
+            judged += int(valid.sum())
+            preferred += int((margin[valid] > 0).sum())
+            margins += float(margin[valid].sum())
+            statistics.add({"loss/policy": loss.item(), "d3po/clamped_fraction": clamped.float().mean().item()},
+                           transitions.positions)
+            statistics.add_ratio(log_prob, transitions.log_probs, None, first_minibatch, transitions.positions)
         return {**statistics.summary(accumulator),
                 "d3po/pairs": float((pair_labels(trajectory.rewards)[0::2] != 0).sum()),
                 "d3po/preference_accuracy": preferred / judged if judged else float("nan"),

@@ -46,36 +46,28 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         return self.options.kl_weight > 0
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, reference_step
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, policy_passes, reference_step
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
         statistics = EpochStatistics()
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for inner_epoch in range(config.train.inner_epochs):
-                generator = run.generator(f"train-{inner_epoch}")
-                for index, transitions in enumerate(trajectory.training_transitions(
-                        config.train.batch_size, generator, config.train.timestep_fraction)):
-                    first_minibatch = inner_epoch == 0 and index < steps_per_sample
-                    with accumulator.micro_step():
-                        log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                                         config.sample.guidance_scale)
-                        policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                                           self.options.clip_range)
-                        loss = policy_loss
-                        if self.options.kl_weight > 0:
-                            reference_mean, _ = reference_step(run.model, transitions, config.sample.eta,
-                                                               config.sample.guidance_scale)
-                            kl = gaussian_kl(mean, reference_mean, std).mean()
-                            loss = policy_loss + self.options.kl_weight * kl
-                            statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()})
-                        accumulator.backward(loss)
-                    statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()})
-                    statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch)
-                    bar.update(1)
-        accumulator.check_finished()
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator):
+            log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
+                                                             config.sample.guidance_scale)
+            policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
+                                               self.options.clip_range)
+            loss = policy_loss
+            if self.options.kl_weight > 0:
+                reference_mean, _ = reference_step(run.model, transitions, config.sample.eta,
+                                                   config.sample.guidance_scale)
+                kl = gaussian_kl(mean, reference_mean, std).mean()
+                loss = policy_loss + self.options.kl_weight * kl
+                statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()}, transitions.positions)
+            accumulator.backward(loss)
+            statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
+            statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,
+                                 transitions.positions)
         return statistics.summary(accumulator)
 
 
@@ -93,16 +85,20 @@ class DDPOScoreFunction(ddpo.Algorithm):
         accumulator = run.accumulator(total)
         statistics = EpochStatistics()
         with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for index, transitions in enumerate(trajectory.training_transitions(
-                    config.train.batch_size, run.generator("train"), config.train.timestep_fraction)):
-                with accumulator.micro_step():
+            positions_done = 0
+            for transitions in trajectory.training_transitions(
+                    config.train.batch_size, run.generator("train"), config.train.timestep_fraction,
+                    steps_per_pass=config.train.steps_per_pass):
+                with accumulator.micro_step(transitions.positions):
                     log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                            config.sample.guidance_scale)
                     loss = -(transitions.advantages * log_prob).mean()
                     accumulator.backward(loss)
-                statistics.add({"loss/policy": loss.item()})
-                statistics.add_ratio(log_prob, transitions.log_probs, None, index < steps_per_sample)
-                bar.update(1)
+                statistics.add({"loss/policy": loss.item()}, transitions.positions)
+                statistics.add_ratio(log_prob, transitions.log_probs, None, positions_done < steps_per_sample,
+                                     transitions.positions)
+                positions_done += transitions.positions
+                bar.update(transitions.positions)
         accumulator.check_finished()
         return statistics.summary(accumulator)
 

@@ -137,7 +137,7 @@ class DPOK(ddpo.Algorithm):
         return run.default_advantages(trajectory)
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, gaussian_kl, reference_step
+        from ddpo.core.policy import EpochStatistics, gaussian_kl, policy_passes, reference_step
 
         config, options = run.config, self.options
         statistics = EpochStatistics()
@@ -146,29 +146,21 @@ class DPOK(ddpo.Algorithm):
             trajectory.advantages = self._baselined_advantages(run, trajectory)
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for inner_epoch in range(config.train.inner_epochs):
-                generator = run.generator(f"train-{inner_epoch}")
-                for index, transitions in enumerate(trajectory.training_transitions(
-                        config.train.batch_size, generator, config.train.timestep_fraction)):
-                    with accumulator.micro_step():
-                        log_prob, mean, std, output = run.model.step_log_prob(transitions, config.sample.eta,
-                                                                              config.sample.guidance_scale)
-                        reference_mean, reference_output = reference_step(
-                            run.model, transitions, config.sample.eta, config.sample.guidance_scale)
-                        kl = (eps_mse_kl(output, reference_output) if options.kl_mode == "eps-mse"
-                              else gaussian_kl(mean, reference_mean, std))
-                        loss, policy_term, kl_term = dpok_loss(
-                            log_prob, transitions.log_probs, transitions.advantages, kl, options.reward_weight,
-                            options.kl_weight, options.ratio_clip)
-                        accumulator.backward(loss)
-                    statistics.add({"loss/policy": policy_term.item(), "loss/kl": kl_term.item(),
-                                    "loss/total": loss.item(), "policy/kl_to_reference": kl.mean().item()})
-                    statistics.add_ratio(log_prob, transitions.log_probs, options.ratio_clip,
-                                         inner_epoch == 0 and index < steps_per_sample)
-                    bar.update(1)
-        accumulator.check_finished()
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator):
+            log_prob, mean, std, output = run.model.step_log_prob(transitions, config.sample.eta,
+                                                                  config.sample.guidance_scale)
+            reference_mean, reference_output = reference_step(run.model, transitions, config.sample.eta,
+                                                              config.sample.guidance_scale)
+            kl = (eps_mse_kl(output, reference_output) if options.kl_mode == "eps-mse"
+                  else gaussian_kl(mean, reference_mean, std))
+            loss, policy_term, kl_term = dpok_loss(log_prob, transitions.log_probs, transitions.advantages, kl,
+                                                   options.reward_weight, options.kl_weight, options.ratio_clip)
+            accumulator.backward(loss)
+            statistics.add({"loss/policy": policy_term.item(), "loss/kl": kl_term.item(),
+                            "loss/total": loss.item(), "policy/kl_to_reference": kl.mean().item()},
+                           transitions.positions)
+            statistics.add_ratio(log_prob, transitions.log_probs, options.ratio_clip, first_minibatch,
+                                 transitions.positions)
         return statistics.summary(accumulator)
 
     def _fit_value(self, run, trajectory, statistics) -> None:

@@ -80,36 +80,27 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, reference_step
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, policy_passes, reference_step
 
         config, model = run.config, run.model
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
         statistics = EpochStatistics()
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for inner_epoch in range(config.train.inner_epochs):
-                generator = run.generator(f"train-{inner_epoch}")
-                for index, transitions in enumerate(trajectory.training_transitions(
-                        config.train.batch_size, generator, config.train.timestep_fraction)):
-                    with accumulator.micro_step():
-                        log_prob, mean, std, _ = model.step_log_prob(transitions, config.sample.eta,
-                                                                     config.sample.guidance_scale)
-                        policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                                           self.options.clip_range)
-                        loss = policy_loss
-                        if self.options.kl_beta > 0:
-                            reference_mean, _ = reference_step(model, transitions, config.sample.eta,
-                                                               config.sample.guidance_scale)
-                            kl = gaussian_kl(mean, reference_mean, std)
-                            loss = policy_loss + self.options.kl_beta * kl.mean()
-                            statistics.add({"loss/kl": kl.mean().item(), "policy/kl_to_reference": kl.mean().item()})
-                        accumulator.backward(loss)
-                    statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()})
-                    statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range,
-                                         inner_epoch == 0 and index < steps_per_sample)
-                    bar.update(1)
-        accumulator.check_finished()
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator):
+            log_prob, mean, std, _ = model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
+            policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
+                                               self.options.clip_range)
+            loss = policy_loss
+            if self.options.kl_beta > 0:
+                reference_mean, _ = reference_step(model, transitions, config.sample.eta, config.sample.guidance_scale)
+                kl = gaussian_kl(mean, reference_mean, std)
+                loss = policy_loss + self.options.kl_beta * kl.mean()
+                statistics.add({"loss/kl": kl.mean().item(), "policy/kl_to_reference": kl.mean().item()},
+                               transitions.positions)
+            accumulator.backward(loss)
+            statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
+            statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,
+                                 transitions.positions)
         summary = statistics.summary(accumulator)
         summary["grpo/zero_std_groups"] = float(self.zero_std_groups)
         return summary

@@ -31,12 +31,15 @@ class Digits(PixelDDPM):
     # step after the first: ratios leave it within one AdamW step here. The KL to the base model (kl_weight 0.1)
     # keeps what the classifier cannot see, the grey of the digits: target 7, seed 0, 20 epochs, drift 0.053
     # without it (base 0.004), 0.007 with 0.1 (0.7 reached at epoch 10 either way); 0.3 and 1 learned too slowly.
+    # Every target passed 0.7 by epoch 16 (seeds 0 and 1), hence 25 epochs; a minibatch's 20 steps go through the
+    # UNet in one pass of 320 rows (same update, 1.9x faster here), so `ddpo run` takes about two minutes.
     run_defaults = {
         **PixelDDPM.run_defaults,
-        "epochs": 30,
+        "epochs": 25,
         "algorithm": {"name": "ddpo-is", "clip_range": 0.2, "kl_weight": 0.1},
         "sample": {"batch_size": 32, "batches_per_epoch": 2, "num_steps": 20, "eta": 1.0, "guidance_scale": 1.0},
-        "train": {"batch_size": 16, "grad_accum": 1, "learning_rate": 2e-4, "timestep_fraction": 1.0},
+        "train": {"batch_size": 16, "grad_accum": 1, "learning_rate": 2e-4, "timestep_fraction": 1.0,
+                  "steps_per_pass": 20},
     }
 
     class Options(PixelDDPM.Options):
