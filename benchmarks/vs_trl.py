@@ -51,6 +51,8 @@ OPTIONS = {
     "sample-bf16": (["model.sample_precision=bf16"], "sampling bf16, training fp32"),
     "bf16": ([], "mixed_precision=bf16"),
     "grad-ckpt": (["train.gradient_checkpointing=true"], "memory"),
+    "steps_per_pass": ([f"train.steps_per_pass={STEPS}"], "a minibatch's steps in one pass"),
+    "steps_per_pass+channels_last": ([f"train.steps_per_pass={STEPS}", "model.channels_last=true"], "both"),
     "adamw8bit": (["train.optimizer=adamw8bit"], "memory"),
 }
 

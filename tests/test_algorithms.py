@@ -187,3 +187,18 @@ def test_stacking_steps_in_one_pass_gives_the_same_update(algorithm, tiny_ddpm, 
     torch.testing.assert_close(stacked_moved, single_moved, rtol=1e-4, atol=1e-6)
     for tag in ("loss/policy", "loss/total", "policy/approx_kl", "policy/ratio_mean"):  # epoch means over steps
         assert stacked[tag] == pytest.approx(single[tag], rel=1e-4, abs=1e-6), tag
+
+
+def test_a_stacked_pass_counts_its_positions_and_may_not_run_past_an_optimizer_step(tiny_ddpm, tmp_path):
+    run, _ = make_run(tiny_ddpm, DDPOImportanceSampling(), tmp_path, batch_size=4, grad_accum=2)
+    accumulator = run.accumulator(4)
+    parameter = run.model.trainable_parameters()[0]
+    for size in (2, 2):  # two passes of 2 positions: one optimizer step of 4 micro-steps
+        with accumulator.micro_step(size):
+            accumulator.backward(parameter.sum())
+    assert accumulator.optimizer_steps == 1
+    with accumulator.micro_step(3):
+        accumulator.backward(parameter.sum())
+    with pytest.raises(ValueError, match="a pass of 2 micro-steps after 3 of 4 runs past the optimizer step"):
+        with accumulator.micro_step(2):
+            pass

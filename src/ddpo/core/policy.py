@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ddpo.core.schema import Transitions
+
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +82,7 @@ class EpochStatistics:
         return summary
 
 
-def policy_passes(run, trajectory, accumulator, group_size: int = 1) -> Iterator[tuple[object, bool]]:
+def policy_passes(run, trajectory, accumulator, group_size: int = 1) -> Iterator[tuple[Transitions, bool]]:
     """The training loop of the step-wise policy algorithms: `train.inner_epochs` passes over the trajectories in
     DDPO's order (`Trajectory.training_transitions`, a generator per inner epoch), `train.steps_per_pass` step
     positions of a minibatch stacked per forward pass, each inside its accumulator micro-step, with the progress
