@@ -10,6 +10,9 @@ pip: torch 2.13.0 from the local wheel, then trl 0.23.1 and its dependencies).
 Reported per configuration: start-up (process spawn -> first epoch starts: imports, loading, LoRA), the first
 epoch (warm-up), steady-state seconds per epoch (the fastest of the later epochs), and peak RSS. The floor is
 the same UNet calls (sampling forwards under no_grad, training forward+backward) with nothing around them.
+For ddpo's default run the epoch is also split into the CPU time inside the UNet's forward passes and the
+backward passes (timed around `UNet2DConditionModel.forward` and `GradientAccumulator.backward`) and the
+rest: ddpo's own work (scheduler steps, log-probs, decoding, rewards, logging).
 Times are CPU seconds of the whole process (all threads: ddpo's reward worker too), with wall seconds beside
 them: on a machine shared with other jobs, wall time moved by up to +-50% between runs while CPU time is
 little affected by waiting, so the ratios use CPU time. With one thread per process it is the work done.
@@ -65,13 +68,15 @@ def durations(start: float, ends: list[float]) -> list[float]:
     return [end - begin for begin, end in zip([start, *ends[:-1]], ends)]
 
 
-def report(spawned: float, run_start: tuple[float, float], epoch_ends: list[tuple[float, float]]) -> None:
-    """Print a worker's result line for the parent: start-up, epoch durations (wall and CPU), peak RSS.
+def report(spawned: float, run_start: tuple[float, float], epoch_ends: list[tuple[float, float]],
+           network_cpu: list[float] | None = None) -> None:
+    """Print a worker's result line for the parent: start-up, epoch durations (wall and CPU), peak RSS, and
+    `network_cpu`, the CPU seconds of each epoch spent inside the UNet's forward and backward passes.
     `run_start` and `epoch_ends` are (time.time(), time.process_time()) pairs."""
     print(RESULT + json.dumps({"startup": run_start[0] - spawned, "startup_cpu": run_start[1],
                                "epochs": durations(run_start[0], [end[0] for end in epoch_ends]),
                                "epochs_cpu": durations(run_start[1], [end[1] for end in epoch_ends]),
-                               "peak_rss_mb": peak_rss_mb()}), flush=True)
+                               "network_cpu": network_cpu, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def now() -> tuple[float, float]:
@@ -81,21 +86,39 @@ def now() -> tuple[float, float]:
 # -- workers (each in its own process) ------------------------------------------------------------------------
 
 def ddpo_worker(job: dict) -> None:
+    from diffusers import UNet2DConditionModel
+
     import ddpo
     from ddpo.core.config import resolve_config
+    from ddpo.core.optim import GradientAccumulator
     from ddpo.core.plugins import get_plugin_manager
     from ddpo.core.trainer import train
 
-    times: dict[str, list[float]] = {"start": [], "ends": []}
+    times: dict[str, list[float]] = {"start": [], "ends": [], "network": []}
+    network_cpu = [0.0]  # CPU seconds inside the UNet's forward passes and the backward passes, so far
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                network_cpu[0] += time.process_time() - start
+        return wrapper
+
+    UNet2DConditionModel.forward = counted(UNet2DConditionModel.forward)
+    GradientAccumulator.backward = counted(GradientAccumulator.backward)
 
     class Clock:
         @ddpo.hookimpl
         def on_run_start(self, run):
             times["start"].append(now())
+            times["network"].append(network_cpu[0])
 
         @ddpo.hookimpl
         def on_epoch_end(self, run, epoch, metrics):
             times["ends"].append(now())
+            times["network"].append(network_cpu[0])
 
     get_plugin_manager().register(Clock())
     sets = [*DDPO_SETTINGS, f"model.pretrained={job['pipeline']}", *job["sets"]]
@@ -104,7 +127,8 @@ def ddpo_worker(job: dict) -> None:
              "epochs": job["epochs"], "logdir": job["logdir"], "run_name": job["name"]}
     config = resolve_config(None, sets, flags)
     train(config)
-    report(job["spawned"], times["start"][0], times["ends"])
+    network = times["network"]
+    report(job["spawned"], times["start"][0], times["ends"], [end - begin for begin, end in zip(network, network[1:])])
 
 
 def trl_worker(job: dict) -> None:
@@ -280,8 +304,14 @@ def main() -> None:
         if reference is not None:
             print(line("trl 0.23.1 DDPOTrainer", results["trl"], reference, floor))
         print(f"{'floor (the UNet calls alone)':<44} {floor:6.2f} cpu-s/epoch")
+        ddpo = results["ddpo"]
+        fastest = ddpo["epochs_cpu"].index(steady(ddpo))
+        network, epoch = ddpo["network_cpu"][fastest], ddpo["epochs_cpu"][fastest]
+        print(f"inside that ddpo epoch: {network:.2f} cpu-s in the UNet's forward and backward passes (the floor's "
+              f"calls: {floor:.2f}), {epoch - network:.2f} cpu-s ({100 * (epoch - network) / epoch:.1f}%) in "
+              "everything else")
         if reference is not None:
-            ddpo, trl_result = results["ddpo"], results["trl"]
+            trl_result = results["trl"]
             print(f"\nddpo / trl steady-state epoch: {steady(ddpo) / reference:.2f}x (CPU time); "
                   f"start-up ddpo {ddpo['startup_cpu']:.1f} vs trl {trl_result['startup_cpu']:.1f} cpu-s")
         if args.no_options:
