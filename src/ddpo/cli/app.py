@@ -11,6 +11,7 @@ import yaml
 
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
+from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
 from ddpo.core.preflight import check_logdir, check_resume
 
@@ -37,7 +38,7 @@ def _flags(algo=None, reward=None, model=None, **top_level: Any) -> dict[str, An
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no config.yaml); give RUN_DIR as {{logdir}}/{{run_name}}")
     return yaml.safe_load(path.read_text())
@@ -49,7 +50,7 @@ def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
         return None
     if not checkpoint.is_dir():
         raise UsageError(f"checkpoint directory not found: {checkpoint}")
-    run_config = checkpoint.parent.parent / "config.yaml"
+    run_config = checkpoint.parent.parent / CONFIG_FILE
     return yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
 
 

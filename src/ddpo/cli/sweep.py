@@ -24,10 +24,9 @@ import typer
 
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
+from ddpo.core.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
 
 LOG_FILE = "run.log"
-CHECKPOINT = "checkpoints/epoch_{epoch:04d}"
-"""A run's checkpoint of an epoch (DESIGN.md §6); spelled here so that the CLI need not import torch."""
 
 
 @dataclass
@@ -65,7 +64,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def last_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -78,12 +77,7 @@ def is_finished(run: SweepRun) -> bool:
         return False
     record = last_metrics(run.run_dir)
     return (record is not None and record["epoch"] >= run.epochs
-            and (run.run_dir / CHECKPOINT.format(epoch=run.epochs)).is_dir())
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """A complete checkpoint exists (incomplete ones are `epoch_NNNN.partial`)."""
-    return any(path.is_dir() and path.name[len("epoch_"):].isdigit() for path in run_dir.glob("checkpoints/epoch_*"))
+            and checkpoint_path(run.run_dir, run.epochs).is_dir())
 
 
 def last_error_line(log: Path) -> str:
@@ -109,10 +103,10 @@ class Sweep:
     def command(self, run: SweepRun) -> tuple[list[str], str]:
         """The `ddpo run` command line for a run, and what it does (start, resume, restart)."""
         command = [sys.executable, "-m", "ddpo", "run", "--algo", run.algo, "--seed", str(run.seed), *self.shared_args]
-        if has_checkpoint(run.run_dir) and (run.run_dir / "config.yaml").is_file():
+        if list_checkpoints(run.run_dir) and (run.run_dir / CONFIG_FILE).is_file():
             return [*command, "--resume", str(run.run_dir)], "resumed"
         action = "started"
-        if (run.run_dir / "config.yaml").exists():  # died before its first checkpoint: nothing to resume
+        if (run.run_dir / CONFIG_FILE).exists():  # died before its first checkpoint: nothing to resume
             shutil.rmtree(run.run_dir)
             action = "restarted"
         return [*command, "--logdir", str(run.run_dir.parent), "--run-name", run.name], action

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,27 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddpo.core.errors import UsageError
+from ddpo.core.layout import CHECKPOINTS, checkpoint_path, list_checkpoints
 from ddpo.core.optim import POLICY
 
 if TYPE_CHECKING:
     from ddpo.core.run import Run
 
-CHECKPOINTS = "checkpoints"
 MODULES = "modules"
-_NAME = re.compile(r"^epoch_(\d{4,})$")
-
-
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"epoch_{epoch:04d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    directory = Path(run_dir) / CHECKPOINTS
-    if not directory.is_dir():
-        return []
-    found = [path for path in directory.iterdir() if path.is_dir() and _NAME.match(path.name)]
-    return sorted(found, key=lambda path: int(_NAME.match(path.name).group(1)))
 
 
 def save_checkpoint(run: Run) -> Path:

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from ddpo.core.errors import UsageError
+from ddpo.core.layout import CONFIG_FILE, METRICS_FILE
 
 EVENTS_GLOB = "events.out.tfevents.*"
-METRICS_FILE = "metrics.jsonl"
 NOT_COMPARED = ("seed", "run_name", "logdir", "device")
 """Config keys that do not make runs different experiments."""
 _SEED_PART = re.compile(r"(?:^|[_\-.])+(?:seed|s)[_=\-]?\d+(?=$|[_\-.])")
@@ -144,7 +144,7 @@ def load_run(run_dir: Path, logdir: Path) -> RunData:
     epoch_seconds = series.get("perf/epoch_seconds")
     if epoch_seconds:
         wall = sum(value for _, value in epoch_seconds)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_FILE
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     name = str(run_dir.relative_to(logdir)) if run_dir != logdir else run_dir.name
     return RunData(name, config, series, wall)

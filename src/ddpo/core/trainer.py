@@ -27,6 +27,7 @@ from ddpo.core.errors import UsageError
 from ddpo.core.evaluation import evaluate, evaluate_fixed_set
 from ddpo.core.guards import InterruptibleProgress, RunGuard, stop_cleanly
 from ddpo.core.images import make_grid, save_png
+from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
 from ddpo.core.multireward import combine_epoch_rewards
@@ -38,7 +39,6 @@ from ddpo.core.rollout import RolloutEngine
 from ddpo.core.run import Run, derive_seed
 from ddpo.core.sampling import ensure_device_available
 
-CONFIG_FILE = "config.yaml"
 GRID_IMAGES = 64
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
