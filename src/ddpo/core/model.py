@@ -74,8 +74,6 @@ class Model(Plugin):
         self.device = None
         self.autocast = contextlib.nullcontext
         """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
-        self.sample_autocast = None
-        """Context for them inside `sampling()` (None: `autocast`); the trainer sets it by `sample_precision`."""
 
     # -- what a plugin implements -------------------------------------------------------------------
 
@@ -217,11 +215,12 @@ class Model(Plugin):
 
     @contextlib.contextmanager
     def sampling(self):
-        """Inside, denoiser forward passes run under `sample_autocast` (the sampling phase's precision)."""
-        if self.sample_autocast is None:
-            yield
-            return
-        training_autocast, self.autocast = self.autocast, self.sample_autocast
+        """Inside, denoiser forward passes run at the sampling phase's precision (`options.sample_precision`;
+        "same": under `autocast`, unchanged)."""
+        from ddpo.core.performance import sampling_autocast
+
+        training_autocast = self.autocast
+        self.autocast = sampling_autocast(self, self.device, training_autocast)
         try:
             yield
         finally:

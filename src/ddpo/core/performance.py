@@ -1,6 +1,6 @@
 """Speed and memory options, applied by the trainer around `accelerator.prepare`: channels-last weights,
-gradient checkpointing, torch.compile of the denoiser, the sampling phase's own autocast precision, and the
-optimizer (AdamW, or bitsandbytes' 8-bit AdamW).
+gradient checkpointing, torch.compile of the denoiser and the optimizer (AdamW, or bitsandbytes' 8-bit AdamW);
+and the sampling phase's own autocast precision, which `Model.sampling` applies.
 
 Kept apart from the trainer so each option is one call there; `benchmarks/vs_trl.py` measures each one.
 """
@@ -44,8 +44,8 @@ def compile_denoiser(model: Model) -> None:
 
 
 def sampling_autocast(model: Model, device: torch.device, run_autocast):
-    """The autocast context for the sampling phase's forward passes: `model.sample_precision`, or the run's
-    (`run_autocast`, accelerate's) when it is "same". The sampler's log-prob math stays float32 either way:
+    """The autocast context for the sampling phase's forward passes (`Model.sampling`): `model.sample_precision`,
+    or the run's (`run_autocast`, accelerate's) when it is "same". The sampler's log-prob math stays float32 either way:
     models return float32 outputs, and the step runs outside autocast."""
     precision = model.options.sample_precision
     if precision == "same":

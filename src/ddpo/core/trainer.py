@@ -31,7 +31,7 @@ from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
 from ddpo.core.multireward import combine_epoch_rewards
-from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser, sampling_autocast
+from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser
 from ddpo.core.plugins import get_plugin_manager, get_registry
 from ddpo.core.preflight import probe_rewards
 from ddpo.core.profiling import PHASES, EpochProfiler
@@ -108,7 +108,6 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
     prepare_denoiser(model, config.train.gradient_checkpointing)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     model.autocast = accelerator.autocast
-    model.sample_autocast = sampling_autocast(model, accelerator.device, accelerator.autocast)
     compile_denoiser(model)
 
     tracker = (PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
