@@ -47,11 +47,15 @@ def score_images(run: Run, images: torch.Tensor, prompts: list[str], metadata: l
             for label, scorer in {**(scorers or {}), **run.eval_rewards}.items()}
 
 
-def evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict],
-             scorers: dict | None = None) -> dict[str, float]:
-    """`eval/<label>/mean` of every score over all processes."""
+def mean_scores(run: Run, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`eval/<label>/mean` of every label's scores over all processes."""
     return {f"eval/{label}/mean": run.accelerator.gather(values.to(run.accelerator.device)).mean()
-            for label, values in score_images(run, images, prompts, metadata, scorers).items()}
+            for label, values in scores.items()}
+
+
+def evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict[str, float]:
+    """`eval/<label>/mean` of the images' scores by every evaluation reward, over all processes."""
+    return mean_scores(run, score_images(run, images, prompts, metadata))
 
 
 def evaluate_fixed_set(run: Run, writer=None) -> dict[str, float]:
@@ -59,8 +63,7 @@ def evaluate_fixed_set(run: Run, writer=None) -> dict[str, float]:
     `writer`, log the grid and its caption at step = reward queries. Returns the `eval/<label>/mean` scalars."""
     images, prompts, metadata = evaluation_samples(run)
     scores = score_images(run, images, prompts, metadata, {run.config.reward.name: run.reward})
-    scalars = {f"eval/{label}/mean": run.accelerator.gather(values.to(run.accelerator.device)).mean()
-               for label, values in scores.items()}
+    scalars = mean_scores(run, scores)
     if run.is_main:
         grid = make_grid(images)
         save_png(grid, Path(run.run_dir) / EVAL_DIRECTORY / f"epoch_{run.epoch:04d}.png")
