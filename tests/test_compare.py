@@ -180,7 +180,7 @@ def test_chart_without_matplotlib_is_a_usage_error(logdir, monkeypatch):
 def test_each_shipped_preset_resolves_to_a_valid_config(name):
     preset = get_registry().presets[name]
     config = resolve_config(preset=name)
-    assert config.algorithm.name == preset.config()["algorithm"]["name"]
+    assert config.algorithm.name == preset.config["algorithm"]["name"]
     assert preset.info.gpus >= 1 and preset.info.paper
     assert "Source:" in preset.path.read_text()  # every preset says where its numbers come from
 

@@ -256,7 +256,7 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
     from ddpo.core.plugins import get_registry
     from ddpo.core.presets import find_preset
 
-    user = find_preset(get_registry().presets, preset).config() if preset is not None else {}
+    user = find_preset(get_registry().presets, preset).config if preset is not None else {}
     user = merge(user, base or {})
     if config_file is not None:
         user = merge(user, load_config_file(config_file))

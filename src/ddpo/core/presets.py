@@ -37,15 +37,13 @@ class PresetInfo(pydantic.BaseModel):
 
 @dataclass
 class Preset:
-    """A registered preset: its name (the file's stem), its file, what it says about itself."""
+    """A registered preset: its name (the file's stem), its file, what it says about itself, and its config
+    layer (the file without its `preset:` mapping)."""
 
     name: str
     path: Path
     info: PresetInfo
-
-    def config(self) -> dict[str, Any]:
-        """The preset's config layer (the file without its `preset:` mapping)."""
-        return {key: value for key, value in read_preset_file(self.path).items() if key != "preset"}
+    config: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), **self.info.model_dump()}
@@ -64,13 +62,14 @@ def read_preset_file(path: Path) -> dict[str, Any]:
 def load_preset(path: str | Path) -> Preset:
     """A preset from its YAML file; a UsageError if the `preset:` mapping is missing or invalid."""
     path = Path(path)
+    data = read_preset_file(path)
     try:
-        info = PresetInfo.model_validate(read_preset_file(path).get("preset"))
+        info = PresetInfo.model_validate(data.get("preset"))
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in ("preset", *first["loc"]))
         raise UsageError(f"preset file {path}: '{where}': {first['msg']}") from None
-    return Preset(path.stem, path, info)
+    return Preset(path.stem, path, info, {key: value for key, value in data.items() if key != "preset"})
 
 
 def find_preset(presets: dict[str, Preset], name: str) -> Preset:
