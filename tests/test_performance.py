@@ -141,14 +141,41 @@ def test_mixed_precision_end_to_end(tmp_path, tiny_ddpm, precision, fresh_accele
     assert all(value == value for value in record.values() if isinstance(value, float))  # no NaN
 
 
-def test_optimizer_choice():
+def test_optimizer_choice_and_a_clear_error_without_bitsandbytes(monkeypatch):
     parameters = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(make_optimizer(parameters, TrainConfig()), torch.optim.AdamW)
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(UsageError, match="needs bitsandbytes"):
-            make_optimizer(parameters, TrainConfig(optimizer="adamw8bit"))
-    else:
-        assert type(make_optimizer(parameters, TrainConfig(optimizer="adamw8bit"))).__name__ == "AdamW8bit"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when not installed
+    with pytest.raises(UsageError, match="needs bitsandbytes"):
+        make_optimizer(parameters, TrainConfig(optimizer="adamw8bit"))
+
+
+def test_8bit_adamw_trains_keeps_uint8_moments_and_resumes_exactly(tmp_path, tiny_ddpm, fresh_accelerator_state):
+    """bitsandbytes' AdamW8bit (a dev dependency, so this runs) on a full fine-tune: the moments of the large
+    weights are uint8 in the checkpoint, and 1 epoch + resume gives the uninterrupted 2-epoch run's weights."""
+    from ddpo.core.trainer import train
+
+    def config(name, epochs):
+        run = tiny_run_config(tmp_path, name, **{"model.pretrained": str(tiny_ddpm), "model.use_lora": "false",
+                                                 "train.optimizer": "adamw8bit", "save_every": 1})
+        run.epochs = epochs
+        return run
+
+    straight = train(config("straight", 2))
+    resumed = train(config("resumed", 1))
+    train(config("resumed", 2), resume_dir=resumed)
+    state = torch.load(straight / "checkpoints" / "epoch_0002" / "optimizer.pt", weights_only=True)["state"]
+
+    def moments(entry: dict):  # bitsandbytes nests its per-parameter tensors one dict down in its state_dict
+        for key, value in entry.items():
+            yield from moments(value) if isinstance(value, dict) else [value] if key.startswith("state") else []
+
+    moment_types = {moment.dtype for entry in state.values() for moment in moments(entry)}
+    assert moment_types == {torch.uint8, torch.float32}  # 8-bit for weights of >= 4096 entries, 32-bit below
+    weights = [load_file(run / "checkpoints" / "epoch_0002" / "weights.safetensors") for run in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    first = load_file(straight / "checkpoints" / "epoch_0001" / "weights.safetensors")
+    assert any(not torch.equal(first[name], weights[0][name]) for name in first)  # epoch 2 trained
 
 
 def test_registry_knows_plugin_packages_without_scanning_every_distribution():
