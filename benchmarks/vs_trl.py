@@ -3,21 +3,29 @@
 Workload (both): a tiny random SD pipeline from `ddpo.testing.build_tiny_sd` (32x32 images, 16x16 latents),
 8 x 2 samples per epoch, 20 DDIM steps (eta 1), CFG 5, train batch 8, 1 inner epoch, every timestep trained,
 one optimizer step per train batch, LoRA rank 4 on to_q/to_k/to_v/to_out.0, fp32, CPU, JPEG-compressibility
-reward, advantages over the epoch's batch. Each configuration runs in a fresh process (so start-up and peak
-RSS are its own); trl runs in its own virtual environment (`benchmarks/.venv-trl`, created on first use with
-pip: torch 2.13.0 from the local wheel, then trl 0.23.1 and its dependencies).
+reward, advantages over the epoch's batch. Each configuration runs in fresh processes (so start-up and peak
+RSS are its own), `--repeats` of them, interleaved round by round with the other configurations; trl runs in
+its own virtual environment (`benchmarks/.venv-trl`, created on first use with pip: torch 2.13.0 from the
+local wheel, then trl 0.23.1 and its dependencies).
 
 Reported per configuration: start-up (process spawn -> first epoch starts: imports, loading, LoRA), the first
-epoch (warm-up), steady-state seconds per epoch (the fastest of the later epochs), and peak RSS. The floor is
-the same UNet calls (sampling forwards under no_grad, training forward+backward) with nothing around them.
-For ddpo's default run the epoch is also split into the CPU time inside the UNet's forward passes and the
-backward passes (timed around `UNet2DConditionModel.forward` and `GradientAccumulator.backward`) and the
-rest: ddpo's own work (scheduler steps, log-probs, decoding, rewards, logging).
-Times are CPU seconds of the whole process (all threads: ddpo's reward worker too), with wall seconds beside
-them: on a machine shared with other jobs, wall time moved by up to +-50% between runs while CPU time is
-little affected by waiting, so the ratios use CPU time. With one thread per process it is the work done.
+epoch (warm-up), the fastest later epoch, peak RSS, and the figures the targets are about, which are ratios to
+the floor. The floor is the same UNet calls (sampling forwards under no_grad, training forward+backward) with
+nothing around them, on the process's own copy of the UNet and LoRA. Every process runs a floor epoch right
+after each of its epochs (not counted in the epoch), and a configuration's overhead is the median over its
+later epochs of epoch / the floor epoch after it. This machine's speed drifts by 15% within minutes, and one
+process can run 10% faster or slower than another for its whole life whatever it runs, so a time compared
+with another process's decided little; an epoch and its floor share the process and the minute. The ratio
+to trl divides the two overheads. For ddpo's default run the fastest epoch is also split into the CPU time
+inside the UNet's forward passes and the backward passes (the main thread's CPU time around
+`UNet2DConditionModel.forward` and `GradientAccumulator.backward`) and the rest: ddpo's own work (scheduler
+steps, log-probs, decoding, rewards, logging).
+Times are CPU seconds of the whole process (all threads: ddpo's reward worker too): on a machine shared with
+other jobs, wall time moved by up to +-50% between runs while CPU time is little affected by waiting. With
+one thread per process it is the work done.
 
-    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py [--epochs 4] [--no-trl] [--no-options] [--only NAME ...]
+    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py [--epochs 3] [--repeats 2] [--no-trl] [--no-options]
+                                                  [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,23 +73,81 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def durations(start: float, ends: list[float]) -> list[float]:
-    return [end - begin for begin, end in zip([start, *ends[:-1]], ends)]
-
-
-def report(spawned: float, run_start: tuple[float, float], epoch_ends: list[tuple[float, float]],
-           network_cpu: list[float] | None = None) -> None:
-    """Print a worker's result line for the parent: start-up, epoch durations (wall and CPU), peak RSS, and
-    `network_cpu`, the CPU seconds of each epoch spent inside the UNet's forward and backward passes.
-    `run_start` and `epoch_ends` are (time.time(), time.process_time()) pairs."""
-    print(RESULT + json.dumps({"startup": run_start[0] - spawned, "startup_cpu": run_start[1],
-                               "epochs": durations(run_start[0], [end[0] for end in epoch_ends]),
-                               "epochs_cpu": durations(run_start[1], [end[1] for end in epoch_ends]),
-                               "network_cpu": network_cpu, "peak_rss_mb": peak_rss_mb()}), flush=True)
-
-
 def now() -> tuple[float, float]:
     return time.time(), time.process_time()
+
+
+def since(mark: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = now()
+    return wall - mark[0], cpu - mark[1]
+
+
+class Floor:
+    """The floor's UNet calls, on this process's own copy of the pipeline's UNet with the same LoRA: `epoch()`
+    runs one epoch's worth (2 batches x 20 guided forwards without gradient, then 2 train batches x 20 guided
+    forwards + backward, batch 16 = 8 x [unconditional, conditional]) and nothing else."""
+
+    def __init__(self, pipeline_path: str):
+        import torch
+        from diffusers import StableDiffusionPipeline
+        from peft import LoraConfig
+
+        pipeline = StableDiffusionPipeline.from_pretrained(pipeline_path)
+        self.unet = pipeline.unet.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        tokens = pipeline.tokenizer(["a cat"] * SAMPLE_BATCH + [""] * SAMPLE_BATCH, padding="max_length",
+                                    return_tensors="pt", max_length=pipeline.tokenizer.model_max_length).input_ids
+        with torch.no_grad():
+            self.embeds = pipeline.text_encoder(tokens)[0]
+        size = self.unet.config.sample_size
+        self.latents = torch.randn(2 * SAMPLE_BATCH, self.unet.config.in_channels, size, size)
+        self.timestep = torch.full((2 * SAMPLE_BATCH,), 500)
+
+    def epoch(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of one epoch's UNet calls."""
+        import torch
+
+        mark = now()
+        self.unet.eval()
+        with torch.no_grad():
+            for _ in range(SAMPLE_BATCHES * STEPS):
+                self.unet(self.latents, self.timestep, self.embeds).sample
+        self.unet.train()
+        for _ in range(SAMPLE_BATCH * SAMPLE_BATCHES // TRAIN_BATCH * STEPS):
+            self.unet(self.latents, self.timestep, self.embeds).sample.mean().backward()
+        return since(mark)
+
+
+class Timeline:
+    """A worker's record: start-up, then per epoch its (wall, CPU) seconds followed by a floor epoch in the same
+    process (excluded from the epoch's time), so each epoch has a floor measured moments later."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.floor: Floor | None = None
+        self.startup: tuple[float, float] = (0.0, 0.0)
+        self.epochs: list[tuple[float, float]] = []
+        self.floors: list[tuple[float, float]] = []
+        self.mark = now()
+
+    def run_started(self) -> None:
+        self.mark = now()
+        self.startup = (self.mark[0] - self.job["spawned"], self.mark[1])
+
+    def epoch_ended(self) -> None:
+        self.epochs.append(since(self.mark))
+        self.floor = self.floor or Floor(self.job["pipeline"])
+        self.floors.append(self.floor.epoch())
+        self.mark = now()
+
+    def report(self, **extra) -> None:
+        """Print the result line the parent reads."""
+        print(RESULT + json.dumps({
+            "startup": self.startup[0], "startup_cpu": self.startup[1],
+            "epochs": [wall for wall, _ in self.epochs], "epochs_cpu": [cpu for _, cpu in self.epochs],
+            "floors": [wall for wall, _ in self.floors], "floors_cpu": [cpu for _, cpu in self.floors],
+            "peak_rss_mb": peak_rss_mb(), **extra}), flush=True)
 
 
 # -- workers (each in its own process) ------------------------------------------------------------------------
@@ -94,16 +161,17 @@ def ddpo_worker(job: dict) -> None:
     from ddpo.core.plugins import get_plugin_manager
     from ddpo.core.trainer import train
 
-    times: dict[str, list[float]] = {"start": [], "ends": [], "network": []}
+    timeline = Timeline(job)
     network_cpu = [0.0]  # CPU seconds inside the UNet's forward passes and the backward passes, so far
+    network_per_epoch: list[float] = []
 
     def counted(function):
         def wrapper(*args, **kwargs):
-            start = time.process_time()
+            start = time.thread_time()  # the calling thread's: the reward worker's CPU is not the network's
             try:
                 return function(*args, **kwargs)
             finally:
-                network_cpu[0] += time.process_time() - start
+                network_cpu[0] += time.thread_time() - start
         return wrapper
 
     UNet2DConditionModel.forward = counted(UNet2DConditionModel.forward)
@@ -112,23 +180,22 @@ def ddpo_worker(job: dict) -> None:
     class Clock:
         @ddpo.hookimpl
         def on_run_start(self, run):
-            times["start"].append(now())
-            times["network"].append(network_cpu[0])
+            timeline.run_started()
+            network_cpu[0] = 0.0
 
         @ddpo.hookimpl
         def on_epoch_end(self, run, epoch, metrics):
-            times["ends"].append(now())
-            times["network"].append(network_cpu[0])
+            network_per_epoch.append(network_cpu[0])
+            timeline.epoch_ended()  # the floor's calls go through the counted forward too: reset after them
+            network_cpu[0] = 0.0
 
     get_plugin_manager().register(Clock())
     sets = [*DDPO_SETTINGS, f"model.pretrained={job['pipeline']}", *job["sets"]]
     flags = {"algorithm": {"name": "ddpo-is"}, "reward": {"name": "compressibility"}, "model": {"name": "sd14"},
              "prompts": {"name": "simple_animals"}, "mixed_precision": job.get("mixed_precision", "no"),
              "epochs": job["epochs"], "logdir": job["logdir"], "run_name": job["name"]}
-    config = resolve_config(None, sets, flags)
-    train(config)
-    network = times["network"]
-    report(job["spawned"], times["start"][0], times["ends"], [end - begin for begin, end in zip(network, network[1:])])
+    train(resolve_config(None, sets, flags))
+    timeline.report(network_cpu=network_per_epoch)
 
 
 def trl_worker(job: dict) -> None:
@@ -165,52 +232,21 @@ def trl_worker(job: dict) -> None:
     PartialState()  # trl's pipeline logs through accelerate's logger, which needs the state first
     pipeline = DefaultDDPOStableDiffusionPipeline(job["pipeline"], use_lora=True)
     trainer = DDPOTrainer(config, compressibility, lambda: (rng.choice(prompts), {}), pipeline)
-    ends: list[tuple[float, float]] = []
+    timeline = Timeline(job)
     step = trainer.step
 
     def timed_step(epoch, global_step):
         result = step(epoch, global_step)
-        ends.append(now())
+        timeline.epoch_ended()
         return result
 
     trainer.step = timed_step
-    run_start = now()
+    timeline.run_started()
     trainer.train()
-    report(job["spawned"], run_start, ends)
+    timeline.report()
 
 
-def floor_worker(job: dict) -> None:
-    """The UNet calls of one epoch and nothing else: 2 batches x 20 guided forwards without gradient, then
-    2 train batches x 20 timesteps of guided forward + backward (batch 16 = 8 x [unconditional, conditional])."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-
-    pipeline = StableDiffusionPipeline.from_pretrained(job["pipeline"])
-    unet = pipeline.unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    tokens = pipeline.tokenizer(["a cat"] * SAMPLE_BATCH + [""] * SAMPLE_BATCH, padding="max_length",
-                                return_tensors="pt", max_length=pipeline.tokenizer.model_max_length).input_ids
-    with torch.no_grad():
-        embeds = pipeline.text_encoder(tokens)[0]
-    size = unet.config.sample_size
-    latents = torch.randn(2 * SAMPLE_BATCH, unet.config.in_channels, size, size)
-    timestep = torch.full((2 * SAMPLE_BATCH,), 500)
-    run_start, ends = now(), []
-    for _ in range(job["epochs"]):
-        unet.eval()
-        with torch.no_grad():
-            for _ in range(SAMPLE_BATCHES * STEPS):
-                unet(latents, timestep, embeds).sample
-        unet.train()
-        for _ in range(SAMPLE_BATCH * SAMPLE_BATCHES // TRAIN_BATCH * STEPS):
-            unet(latents, timestep, embeds).sample.mean().backward()
-        ends.append(now())
-    report(job["spawned"], run_start, ends)
-
-
-WORKERS = {"ddpo": ddpo_worker, "trl": trl_worker, "floor": floor_worker}
+WORKERS = {"ddpo": ddpo_worker, "trl": trl_worker}
 
 
 # -- the parent -----------------------------------------------------------------------------------------------
@@ -250,25 +286,36 @@ def run_worker(python: Path | str, kind: str, job: dict, cwd: str) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def steady(result: dict, key: str = "epochs_cpu") -> float:
-    """The fastest epoch after the first (CPU seconds by default: see the module docstring)."""
-    return min(result[key][1:] or result[key])
+def steady(results: list[dict], key: str = "epochs_cpu") -> float:
+    """The fastest epoch after the first, over a configuration's processes (CPU seconds by default: see the
+    module docstring)."""
+    return min(min(result[key][1:] or result[key]) for result in results)
 
 
-def line(label: str, result: dict, reference: float | None = None, floor: float | None = None) -> str:
-    text = (f"{label:<44} {steady(result):6.2f} cpu-s/epoch ({steady(result, 'epochs'):6.2f} wall)  first epoch "
-            f"{result['epochs_cpu'][0]:6.1f} cpu-s  start-up {result['startup_cpu']:4.1f} cpu-s "
-            f"({result['startup']:4.1f} wall)  peak RSS {result['peak_rss_mb']:4.0f} MB")
+def over_floor(results: list[dict]) -> list[float]:
+    """Each epoch after the first over the floor epoch measured right after it in the same process."""
+    return [epoch / floor for result in results
+            for epoch, floor in list(zip(result["epochs_cpu"], result["floors_cpu"]))[1:]]
+
+
+def line(label: str, results: list[dict], reference: list[dict] | None = None) -> str:
+    """One configuration: its fastest epoch, its epochs over their floors (median and each), its ratio to the
+    reference's (both relative to their own floors), warm-up, start-up and peak RSS."""
+    best = min(results, key=lambda result: steady([result]))
+    ratios = over_floor(results)
+    text = (f"{label:<40} {steady(results):6.2f} cpu-s/epoch  {100 * (statistics.median(ratios) - 1):+4.0f}% over "
+            "floor")
     if reference is not None:
-        text += f"  {steady(result) / reference:.2f}x"
-    if floor is not None:
-        text += f"  ({100 * (steady(result) / floor - 1):+.0f}% over floor)"
-    return text
+        text += f"  {statistics.median(ratios) / statistics.median(over_floor(reference)):.2f}x trl"
+    return (text + f"  first epoch {best['epochs_cpu'][0]:5.1f}  start-up {best['startup_cpu']:4.1f} cpu-s  peak RSS "
+            f"{max(result['peak_rss_mb'] for result in results):4.0f} MB  [epoch/floor: "
+            f"{' '.join(f'{ratio:.2f}' for ratio in ratios)}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per configuration (the first is warm-up)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per process (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per configuration, interleaved")
     parser.add_argument("--no-trl", action="store_true", help="skip trl (and its venv)")
     parser.add_argument("--no-options", action="store_true", help="skip the per-option ddpo runs")
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(OPTIONS), help="options to measure")
@@ -288,45 +335,56 @@ def main() -> None:
     trl, why = (None, "skipped (--no-trl)") if args.no_trl else trl_python()
     print(f"trl venv: {why}")
     print(f"workload: tiny SD (ddpo.testing.build_tiny_sd), {SAMPLE_BATCH}x{SAMPLE_BATCHES} samples/epoch, {STEPS} "
-          f"steps, CFG {GUIDANCE:g}, train batch {TRAIN_BATCH}, LoRA rank {LORA_RANK}, fp32, CPU; {args.epochs} epochs "
-          "per configuration, steady state = fastest of epochs 2..N\n")
+          f"steps, CFG {GUIDANCE:g}, train batch {TRAIN_BATCH}, LoRA rank {LORA_RANK}, fp32, CPU; {args.repeats} "
+          f"interleaved processes x {args.epochs} epochs per configuration, each epoch followed by a floor epoch in "
+          "the same process; over floor = median of (epoch / its floor) after the first epoch\n")
+    options = [] if args.no_options else (args.only or list(OPTIONS))
     with tempfile.TemporaryDirectory() as scratch:
         pipeline = str(build_tiny_sd(Path(scratch) / "tiny-sd"))
         job = {"pipeline": pipeline, "epochs": args.epochs, "logdir": str(Path(scratch) / "runs"), "sets": [],
                "prompts": list(SIMPLE_ANIMALS)}
-        results = {"ddpo": run_worker(sys.executable, "ddpo", {**job, "name": "ddpo"}, scratch)}
+        # (python, worker kind, job) per configuration; every round runs each once, so slow spells of a shared
+        # machine hit all configurations alike instead of one
+        configurations = {"ddpo": (sys.executable, "ddpo", job)}
         if trl is not None:
-            results["trl"] = run_worker(trl, "trl", {**job, "name": "trl"}, scratch)
-        results["floor"] = run_worker(sys.executable, "floor", {**job, "name": "floor"}, scratch)
-        floor = steady(results["floor"])
-        reference = steady(results["trl"]) if "trl" in results else None
-        print(line("ddpo (defaults)", results["ddpo"], reference, floor))
+            configurations["trl"] = (trl, "trl", job)
+        for name in options:
+            sets, _ = OPTIONS[name]
+            configurations[name] = (sys.executable, "ddpo", {**job, "sets": sets,
+                                                             "mixed_precision": "bf16" if name == "bf16" else "no"})
+        results: dict[str, list[dict]] = {name: [] for name in configurations}
+        failures: dict[str, str] = {}
+        for round_index in range(args.repeats):
+            for name, (python, kind, config_job) in configurations.items():
+                if name in failures:
+                    continue
+                print(f"round {round_index + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
+                try:
+                    results[name].append(run_worker(python, kind, {**config_job, "name": f"{name}-{round_index}"},
+                                                    scratch))
+                except SystemExit as error:
+                    if name not in options:
+                        raise
+                    failures[name] = str(error).splitlines()[-1]
+        reference = results.get("trl")
+        print(line("ddpo (defaults)", results["ddpo"], reference))
         if reference is not None:
-            print(line("trl 0.23.1 DDPOTrainer", results["trl"], reference, floor))
-        print(f"{'floor (the UNet calls alone)':<44} {floor:6.2f} cpu-s/epoch")
-        ddpo = results["ddpo"]
-        fastest = ddpo["epochs_cpu"].index(steady(ddpo))
-        network, epoch = ddpo["network_cpu"][fastest], ddpo["epochs_cpu"][fastest]
-        print(f"inside that ddpo epoch: {network:.2f} cpu-s in the UNet's forward and backward passes (the floor's "
-              f"calls: {floor:.2f}), {epoch - network:.2f} cpu-s ({100 * (epoch - network) / epoch:.1f}%) in "
-              "everything else")
-        if reference is not None:
-            trl_result = results["trl"]
-            print(f"\nddpo / trl steady-state epoch: {steady(ddpo) / reference:.2f}x (CPU time); "
-                  f"start-up ddpo {ddpo['startup_cpu']:.1f} vs trl {trl_result['startup_cpu']:.1f} cpu-s")
-        if args.no_options:
-            return
-        print("\nper option (ddpo defaults plus the option; ratio to trl, overhead over the floor):")
-        for name in args.only or OPTIONS:
-            sets, what = OPTIONS[name]
-            try:
-                result = run_worker(sys.executable, "ddpo", {**job, "name": name, "sets": sets,
-                                                             "mixed_precision": "bf16" if name == "bf16" else "no"},
-                                    scratch)
-            except SystemExit as error:
-                print(f"{name:<44} not measured: {str(error).splitlines()[-1]}")
-                continue
-            print(line(f"{name} ({what})", result, reference, floor))
+            print(line("trl 0.23.1 DDPOTrainer", reference, reference))
+        floors = [floor for result in results["ddpo"] for floor in result["floors_cpu"]]
+        print(f"{'floor (the UNet calls alone)':<40} {min(floors):6.2f} cpu-s/epoch (fastest in ddpo's processes)")
+        best = min(results["ddpo"], key=lambda result: steady([result]))
+        epoch_index = best["epochs_cpu"].index(steady([best]))
+        network, epoch = best["network_cpu"][epoch_index], best["epochs_cpu"][epoch_index]
+        print(f"inside ddpo's fastest epoch: {network:.2f} cpu-s in the UNet's forward and backward passes (its "
+              f"floor epoch: {best['floors_cpu'][epoch_index]:.2f}), {epoch - network:.2f} cpu-s "
+              f"({100 * (epoch - network) / epoch:.1f}%) in everything else")
+        if options:
+            print("\nper option (ddpo defaults plus the option):")
+        for name in options:
+            if name in failures:
+                print(f"{name:<40} not measured: {failures[name]}")
+            else:
+                print(line(f"{name} ({OPTIONS[name][1]})", results[name], reference))
 
 
 if __name__ == "__main__":
