@@ -66,6 +66,9 @@ OPTIONS = {
     "steps_per_pass": ([f"train.steps_per_pass={STEPS}"], "a minibatch's steps in one pass"),
     "steps_per_pass+channels_last": ([f"train.steps_per_pass={STEPS}", "model.channels_last=true"], "both"),
     "adamw8bit": (["train.optimizer=adamw8bit"], "memory"),
+    "compile+channels_last": (["model.compile=true", "model.channels_last=true"], "both"),
+    "compile+steps_per_pass=4": (["model.compile=true", "train.steps_per_pass=4"], "both"),
+    "compile+steps_per_pass=2": (["model.compile=true", "train.steps_per_pass=2"], "both"),
 }
 
 
