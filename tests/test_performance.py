@@ -3,7 +3,6 @@ checkpointing, per-phase sampling precision, mixed precision end to end, the opt
 that does not scan every installed distribution. Timings live in benchmarks/ (vs_trl.py, bench_startup.py)."""
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
