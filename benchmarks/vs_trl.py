@@ -289,10 +289,9 @@ def run_worker(python: Path | str, kind: str, job: dict, cwd: str) -> dict:
     return json.loads(lines[-1][len(RESULT):])
 
 
-def steady(results: list[dict], key: str = "epochs_cpu") -> float:
-    """The fastest epoch after the first, over a configuration's processes (CPU seconds by default: see the
-    module docstring)."""
-    return min(min(result[key][1:] or result[key]) for result in results)
+def steady(results: list[dict]) -> float:
+    """The fastest epoch after the first, over a configuration's processes, in CPU seconds."""
+    return min(min(result["epochs_cpu"][1:] or result["epochs_cpu"]) for result in results)
 
 
 def over_floor(results: list[dict]) -> list[float]:
