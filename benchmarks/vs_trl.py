@@ -8,7 +8,7 @@ RSS are its own), `--repeats` of them, interleaved round by round with the other
 its own virtual environment (`benchmarks/.venv-trl`, created on first use with pip: torch 2.13.0 from the
 local wheel, then trl 0.23.1 and its dependencies).
 
-Reported per configuration: start-up (process spawn -> first epoch starts: imports, loading, LoRA), the first
+Reported per configuration: start-up (CPU time until the first epoch starts: imports, loading, LoRA), the first
 epoch (warm-up), the fastest later epoch, peak RSS, and the figures the targets are about, which are ratios to
 the floor. The floor is the same UNet calls (sampling forwards under no_grad, training forward+backward) with
 nothing around them, on the process's own copy of the UNet and LoRA. Every process runs a floor epoch right
@@ -76,15 +76,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def now() -> tuple[float, float]:
-    return time.time(), time.process_time()
-
-
-def since(mark: tuple[float, float]) -> tuple[float, float]:
-    wall, cpu = now()
-    return wall - mark[0], cpu - mark[1]
-
-
 class Floor:
     """The floor's UNet calls, on this process's own copy of the pipeline's UNet with the same LoRA: `epoch()`
     runs one epoch's worth (2 batches x 20 guided forwards without gradient, then 2 train batches x 20 guided
@@ -107,11 +98,11 @@ class Floor:
         self.latents = torch.randn(2 * SAMPLE_BATCH, self.unet.config.in_channels, size, size)
         self.timestep = torch.full((2 * SAMPLE_BATCH,), 500)
 
-    def epoch(self) -> tuple[float, float]:
-        """(wall, CPU) seconds of one epoch's UNet calls."""
+    def epoch(self) -> float:
+        """CPU seconds of one epoch's UNet calls."""
         import torch
 
-        mark = now()
+        start = time.process_time()
         self.unet.eval()
         with torch.no_grad():
             for _ in range(SAMPLE_BATCHES * STEPS):
@@ -119,38 +110,35 @@ class Floor:
         self.unet.train()
         for _ in range(SAMPLE_BATCH * SAMPLE_BATCHES // TRAIN_BATCH * STEPS):
             self.unet(self.latents, self.timestep, self.embeds).sample.mean().backward()
-        return since(mark)
+        return time.process_time() - start
 
 
 class Timeline:
-    """A worker's record: start-up, then per epoch its (wall, CPU) seconds followed by a floor epoch in the same
-    process (excluded from the epoch's time), so each epoch has a floor measured moments later."""
+    """A worker's record in CPU seconds: start-up (the process's CPU time when the run starts), then per epoch its
+    time followed by a floor epoch in the same process (excluded from the epoch's time), so each epoch has a
+    floor measured moments later."""
 
-    def __init__(self, job: dict):
-        self.job = job
+    def __init__(self, pipeline_path: str):
+        self.pipeline_path = pipeline_path
         self.floor: Floor | None = None
-        self.startup: tuple[float, float] = (0.0, 0.0)
-        self.epochs: list[tuple[float, float]] = []
-        self.floors: list[tuple[float, float]] = []
-        self.mark = now()
+        self.startup = 0.0
+        self.epochs: list[float] = []
+        self.floors: list[float] = []
+        self.mark = 0.0
 
     def run_started(self) -> None:
-        self.mark = now()
-        self.startup = (self.mark[0] - self.job["spawned"], self.mark[1])
+        self.startup = self.mark = time.process_time()
 
     def epoch_ended(self) -> None:
-        self.epochs.append(since(self.mark))
-        self.floor = self.floor or Floor(self.job["pipeline"])
+        self.epochs.append(time.process_time() - self.mark)
+        self.floor = self.floor or Floor(self.pipeline_path)
         self.floors.append(self.floor.epoch())
-        self.mark = now()
+        self.mark = time.process_time()
 
     def report(self, **extra) -> None:
         """Print the result line the parent reads."""
-        print(RESULT + json.dumps({
-            "startup": self.startup[0], "startup_cpu": self.startup[1],
-            "epochs": [wall for wall, _ in self.epochs], "epochs_cpu": [cpu for _, cpu in self.epochs],
-            "floors": [wall for wall, _ in self.floors], "floors_cpu": [cpu for _, cpu in self.floors],
-            "peak_rss_mb": peak_rss_mb(), **extra}), flush=True)
+        print(RESULT + json.dumps({"startup_cpu": self.startup, "epochs_cpu": self.epochs,
+                                   "floors_cpu": self.floors, "peak_rss_mb": peak_rss_mb(), **extra}), flush=True)
 
 
 # -- workers (each in its own process) ------------------------------------------------------------------------
@@ -164,7 +152,7 @@ def ddpo_worker(job: dict) -> None:
     from ddpo.core.plugins import get_plugin_manager
     from ddpo.core.trainer import train
 
-    timeline = Timeline(job)
+    timeline = Timeline(job["pipeline"])
     network_cpu = [0.0]  # CPU seconds inside the UNet's forward passes and the backward passes, so far
     network_per_epoch: list[float] = []
 
@@ -235,7 +223,7 @@ def trl_worker(job: dict) -> None:
     PartialState()  # trl's pipeline logs through accelerate's logger, which needs the state first
     pipeline = DefaultDDPOStableDiffusionPipeline(job["pipeline"], use_lora=True)
     trainer = DDPOTrainer(config, compressibility, lambda: (rng.choice(prompts), {}), pipeline)
-    timeline = Timeline(job)
+    timeline = Timeline(job["pipeline"])
     step = trainer.step
 
     def timed_step(epoch, global_step):
@@ -278,7 +266,6 @@ def trl_python() -> tuple[Path | None, str]:
 
 
 def run_worker(python: Path | str, kind: str, job: dict, cwd: str) -> dict:
-    job = {**job, "spawned": time.time()}
     result = subprocess.run([str(python), str(Path(__file__).resolve()), "--worker", kind, json.dumps(job)],
                             capture_output=True, text=True, cwd=cwd,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -300,10 +287,15 @@ def over_floor(results: list[dict]) -> list[float]:
             for epoch, floor in list(zip(result["epochs_cpu"], result["floors_cpu"]))[1:]]
 
 
+def fastest(results: list[dict]) -> dict:
+    """The process with the fastest epoch after the first."""
+    return min(results, key=lambda result: steady([result]))
+
+
 def line(label: str, results: list[dict], reference: list[dict] | None = None) -> str:
     """One configuration: its fastest epoch, its epochs over their floors (median and each), its ratio to the
     reference's (both relative to their own floors), warm-up, start-up and peak RSS."""
-    best = min(results, key=lambda result: steady([result]))
+    best = fastest(results)
     ratios = over_floor(results)
     text = (f"{label:<40} {steady(results):6.2f} cpu-s/epoch  {100 * (statistics.median(ratios) - 1):+4.0f}% over "
             "floor")
@@ -374,7 +366,7 @@ def main() -> None:
             print(line("trl 0.23.1 DDPOTrainer", reference, reference))
         floors = [floor for result in results["ddpo"] for floor in result["floors_cpu"]]
         print(f"{'floor (the UNet calls alone)':<40} {min(floors):6.2f} cpu-s/epoch (fastest in ddpo's processes)")
-        best = min(results["ddpo"], key=lambda result: steady([result]))
+        best = fastest(results["ddpo"])
         epoch_index = best["epochs_cpu"].index(steady([best]))
         network, epoch = best["network_cpu"][epoch_index], best["epochs_cpu"][epoch_index]
         print(f"inside ddpo's fastest epoch: {network:.2f} cpu-s in the UNet's forward and backward passes (its "
