@@ -2,9 +2,11 @@
 metrics.jsonl, foreign logs, seeds grouped, matplotlib chart), presets, and the fixed evaluation images."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import yaml
@@ -64,6 +66,31 @@ def test_sweep_reports_a_failed_run_skips_finished_runs_and_resumes_unfinished_o
     stats = group["tags"]["reward/mean"]
     assert stats["seeds"] == 2 and stats["reward_queries"] == 24 and stats["to_target"]["mean"] == 12
     assert stats["curve"]["reward_queries"] == [12, 24]
+
+
+def test_ctrl_c_stops_the_sweep_after_the_running_runs_checkpoint_and_starts_no_other(tmp_path):
+    """A real SIGINT to the sweep alone, once its first run has a checkpoint: the run stops as `ddpo run` does
+    (exit 130, a checkpoint), it is reported as interrupted and not failed, the next run never starts, and the
+    sweep exits with 130 saying how to continue."""
+    logdir = tmp_path / "runs"
+    args = [sys.executable, "-m", "ddpo", "sweep", "--algo", "ddpo-is", "--seeds", "0,1", "--logdir", str(logdir),
+            *TINY, "--epochs", "50"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (logdir / "ddpo-is__s0" / "checkpoints" / "epoch_0001").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stdout + stderr
+    lines = {line.split()[1]: line for line in stdout.splitlines() if line.startswith("[")}
+    assert "interrupted" in lines["ddpo-is__s0"] and "--resume" in lines["ddpo-is__s0"], lines
+    assert "not started" in lines["ddpo-is__s1"] and not (logdir / "ddpo-is__s1").exists(), lines
+    assert "FAILED" not in stdout and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == ("ddpo: error: sweep interrupted: 0 of 2 runs finished, 1 interrupted, 1 not started; run the same "
+                    "command again to continue them"), last
+    assert (logdir / "ddpo-is__s0" / "checkpoints" / "epoch_0001").is_dir()
+    assert "interrupted" in (logdir / "ddpo-is__s0" / "run.log").read_text()
 
 
 def test_fixed_evaluation_images_leave_the_training_run_unchanged(tmp_path):

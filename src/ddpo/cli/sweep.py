@@ -5,17 +5,23 @@ runs a user would start by hand, and one crashing run cannot take the others dow
 last error line and the sweep goes on (exit code 1 at the end). Starting the same sweep again skips the runs
 whose last epoch is on disk (its checkpoint and its metrics line) and continues the others with `--resume`;
 a run that died before its first checkpoint starts over. Each run's output goes to `{run_dir}/run.log`.
+
+Ctrl-C reaches the sweep alone (each run has its own session) and the sweep hands it on, once per Ctrl-C, to
+the runs in progress: they stop the way `ddpo run` does (after the current optimizer step, with a checkpoint;
+a second Ctrl-C at once), no further run starts, and the sweep exits with 130. The interrupted runs are not
+failures: the same command continues them.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +30,7 @@ import typer
 
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
+from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
 from ddpo.core.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
 
 LOG_FILE = "run.log"
@@ -94,6 +101,8 @@ class Sweep:
         self.shared_args = shared_args
         self.lock = threading.Lock()
         self.done = 0
+        self.interrupted = threading.Event()
+        self.processes: set[subprocess.Popen] = set()
 
     def report(self, run: SweepRun, message: str) -> None:
         with self.lock:
@@ -111,11 +120,15 @@ class Sweep:
             action = "restarted"
         return [*command, "--logdir", str(run.run_dir.parent), "--run-name", run.name], action
 
-    def execute(self, run: SweepRun) -> bool:
-        """Run one combination (unless finished); report it; True if it is finished now."""
+    def execute(self, run: SweepRun) -> str:
+        """Run one combination (unless finished or the sweep was interrupted) and report it: "finished",
+        "failed", "interrupted" or "not started"."""
         if is_finished(run):
             self.report(run, f"skipped: finished ({run.epochs} epochs)")
-            return True
+            return "finished"
+        if self.interrupted.is_set():
+            self.report(run, "not started: the sweep was interrupted")
+            return "not started"
         command, action = self.command(run)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         log = run.run_dir / LOG_FILE
@@ -123,22 +136,44 @@ class Sweep:
         with log.open("a") as stream:
             stream.write(f"$ {' '.join(command)}\n")
             stream.flush()
-            returncode = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL).returncode
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+            with self.lock:
+                self.processes.add(process)
+            returncode = process.wait()
+            with self.lock:
+                self.processes.discard(process)
         seconds = time.perf_counter() - started
+        if returncode == INTERRUPTED_EXIT_CODE:
+            self.interrupted.set()
+            self.report(run, f"interrupted ({seconds:.0f} s): {last_error_line(log)}")
+            return "interrupted"
         if returncode != 0:
             self.report(run, f"FAILED (exit {returncode}, {seconds:.0f} s): {last_error_line(log)}  [log: {log}]")
-            return False
+            return "failed"
         record = last_metrics(run.run_dir) or {}
         summary = f"reward/mean {record['reward/mean']:.4g}" if "reward/mean" in record else ""
         self.report(run, f"done, {action} ({record.get('epoch', '?')} epochs, {seconds:.0f} s) {summary}".rstrip())
-        return True
+        return "finished"
 
-    def execute_all(self, jobs: int) -> int:
-        """Run every combination, `jobs` at once; returns how many failed."""
+    def interrupt(self) -> None:
+        """Ctrl-C: start no further run, and hand the SIGINT on to the runs in progress."""
+        self.interrupted.set()
+        with self.lock:
+            for process in self.processes:
+                process.send_signal(signal.SIGINT)
+
+    def execute_all(self, jobs: int) -> list[str]:
+        """Run every combination, `jobs` at once; returns each one's outcome (see `execute`)."""
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(self.execute, self.runs))
-        return results.count(False)
+            futures = [pool.submit(self.execute, run) for run in self.runs]
+            while True:
+                try:
+                    wait(futures)
+                    break
+                except KeyboardInterrupt:
+                    self.interrupt()
+        return [future.result() for future in futures]
 
 
 def register(app: typer.Typer) -> None:
@@ -182,9 +217,15 @@ def register(app: typer.Typer) -> None:
                 runs.append(SweepRun(name, seed, Path(run_logdir) / run_name(name, seed), run_epochs))
         typer.echo(f"sweep: {len(algos)} algorithms x {len(seed_values)} seeds = {len(runs)} runs into "
                    f"{runs[0].run_dir.parent}, {jobs} at a time")
-        failed = Sweep(runs, shared).execute_all(jobs)
+        outcomes = Sweep(runs, shared).execute_all(jobs)
+        failed = outcomes.count("failed")
         if failed:
             typer.echo(f"sweep: {failed} of {len(runs)} runs failed", err=True)
+        if "interrupted" in outcomes or "not started" in outcomes:
+            raise RunInterrupted(f"sweep interrupted: {outcomes.count('finished')} of {len(runs)} runs finished, "
+                                 f"{outcomes.count('interrupted')} interrupted, {outcomes.count('not started')} not "
+                                 f"started; run the same command again to continue them")
+        if failed:
             raise typer.Exit(1)
         typer.echo(f"sweep: all {len(runs)} runs finished; compare them with: ddpo compare {runs[0].run_dir.parent}")
 
