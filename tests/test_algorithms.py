@@ -13,6 +13,7 @@ from ddpo.plugins.algorithms.d3po import D3PO
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
 from ddpo.plugins.algorithms.dpok import DPOK
 from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+from ddpo.plugins.algorithms.tdpo import TemporalDPO
 from ddpo.plugins.models.ddpm import PixelDDPM
 
 
@@ -109,20 +110,30 @@ def kl_to_reference(model, trajectory, config):
     return torch.cat(values).mean().item()
 
 
-def test_ddpo_is_kl_weight_holds_the_policy_near_the_pretrained_model(tiny_ddpm, tmp_path):
-    """The optional KL term (off by default: DDPO as published) pulls reward-blind directions back: the same
-    update with a large weight ends nearer the reference than without it."""
-    assert not DDPOImportanceSampling().needs_reference
+@pytest.mark.parametrize("algorithm_cls, options, optimizer_steps", [
+    (DDPOImportanceSampling, {}, 4),
+    (TemporalDPO, {"critic_features": "pixels"}, 20),  # one step per minibatch of 2 at each of 5 positions
+], ids=["ddpo-is", "tdpo"])
+def test_kl_weight_holds_the_policy_near_the_pretrained_model(algorithm_cls, options, optimizer_steps, tiny_ddpm,
+                                                              tmp_path):
+    """The optional KL term (off by default: DDPO and TDPO as published) pulls reward-blind directions back: the
+    same update with a large weight ends nearer the reference than without it."""
+    assert not algorithm_cls().needs_reference
     distances = {}
     for weight in (0.0, 50.0):
-        algorithm = DDPOImportanceSampling({"clip_range": 0.2, "kl_weight": weight})
+        algorithm = algorithm_cls({**options, "clip_range": 0.2, "kl_weight": weight})
         run, trajectory = make_run(tiny_ddpm, algorithm, tmp_path / str(weight), learning_rate=1e-3, batch_size=2,
                                    grad_accum=1)
         run.model.prepare_reference()
         assert kl_to_reference(run.model, trajectory, run.config) == 0.0  # the reference is the starting policy
-        trajectory.advantages = torch.linspace(-1, 1, 8)
+        if isinstance(algorithm, TemporalDPO):
+            algorithm.setup(run)
+            run.gathered_rewards = torch.linspace(0, 1, 8)
+            trajectory.advantages = algorithm.compute_advantages(run, trajectory)
+        else:
+            trajectory.advantages = torch.linspace(-1, 1, 8)
         metrics = run.algorithm.update(run, trajectory)
-        assert ("loss/kl" in metrics) == (weight > 0) and metrics["train/optimizer_steps"] == 4
+        assert ("loss/kl" in metrics) == (weight > 0) and metrics["train/optimizer_steps"] == optimizer_steps
         distances[weight] = kl_to_reference(run.model, trajectory, run.config)
     assert 0 < distances[50.0] < 0.7 * distances[0.0], distances
 

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from conftest import run_cli
 from ddpo.core.config import resolve_config
-from ddpo.core.critic import StepValueNetwork
+from ddpo.core.critic import StepValueNetwork, prompt_vector
 from ddpo.core.errors import UsageError
 from ddpo.core.rollout import sample_batch
 from ddpo.core.policy import gaussian_kl
@@ -94,9 +94,34 @@ def test_value_network_shapes_prompt_input_and_step_gates():
     steps = torch.arange(6) % 5
     # The prompt enters as its mean over tokens: a sequence with the same mean gives the same value.
     same_mean = torch.stack([embeds.mean(dim=1)] * 2, dim=1)
-    assert torch.allclose(conditional(sample, steps, embeds), conditional(sample, steps, same_mean), atol=1e-6)
-    with pytest.raises(ValueError, match="prompt embeddings"):
+    assert torch.allclose(conditional(sample, steps, prompt_vector(embeds)),
+                          conditional(sample, steps, prompt_vector(same_mean)), atol=1e-6)
+    with pytest.raises(ValueError, match=r"expects prompt vectors \(6, 7\), got none"):
         conditional(sample, steps, None)
+    with pytest.raises(ValueError, match=r"expects prompt vectors \(6, 7\), got shape \(6, 2, 7\)"):
+        conditional(sample, steps, embeds)
+
+
+def test_prompt_vector_of_sd3s_two_embeddings_is_the_token_mean_then_the_pooled_vector():
+    embeds, pooled = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    vector = prompt_vector({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
+    assert vector.dtype == torch.float32 and vector.shape == (3, 10)
+    # key order: pooled_prompt_embeds < prompt_embeds
+    assert torch.allclose(vector, torch.cat([pooled, embeds.mean(dim=1)], dim=1).float())
+    assert prompt_vector(None) is None
+
+
+def test_dpok_with_its_value_network_trains_the_tiny_sd3_pipeline(tiny_sd3, tmp_path):
+    """SD3 conditions on a dict of two embeddings: the value network reads both (it used to fail on the dict)."""
+    result = run_cli("run", "--algo", "dpok", "--model", "sd3", "--reward", "compressibility",
+                     "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
+                     "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=3",
+                     "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--epochs", "1",
+                     "--logdir", str(tmp_path), "--run-name", "sd3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_metrics(tmp_path / "sd3")
+    assert record["loss/value"] > 0 and record["policy/ratio_dev_first"] <= 1e-6, record
+    assert (tmp_path / "sd3" / "checkpoints" / "epoch_0001" / "algorithm.pt").is_file()
 
 
 # -- on real tiny models --------------------------------------------------------------------------------------

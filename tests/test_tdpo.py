@@ -109,14 +109,15 @@ TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "
 
 
 def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(tmp_path):
-    # digits defaults of tdpo-r (pixel features). Seed 0: 0.14 0.06 0.10 0.05 0.08 0.20 0.16 0.17 0.23 0.41 0.30
-    # 0.63, legibility 0.94-0.99, explained variance up to 0.15 before the reset at epoch 10.
-    result = run_cli("run", "--algo", "tdpo-r", "--set", "reward.target=3", "--epochs", "12", "--logdir",
-                     str(tmp_path), "--run-name", "learn")
+    # digits defaults of tdpo-r (pixel features, KL 0.1). Seed 0: 0.14 0.08 0.16 0.15 0.14 0.29 0.30 0.27 0.36 0.57
+    # 0.52 0.64, legibility 0.97-0.99, explained variance up to 0.19 before the reset at epoch 10.
+    result = run_cli("run", "--algo", "tdpo-r", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
+                     "--epochs", "12", "--logdir", str(tmp_path), "--run-name", "learn")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "learn")
     rewards = [record["reward/mean"] for record in records]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    assert min(record["eval/legibility/mean"] for record in records) > 0.85, records  # still digits
     assert max(record["critic/explained_variance"] for record in records) > 0.05, records
 
 

@@ -3,8 +3,8 @@ intermediate states, so that r − V is a lower-variance advantage than r. Algor
 and register them with `run.register_module`, which trains, syncs and checkpoints them.
 
 - `StepValueNetwork` is DPOK's value baseline (Fan et al. 2023, official code `ValueMulti`): V(x_t, c, step),
-  the flattened state concatenated with a prompt embedding, through linear layers gated by a learned
-  embedding of the step index, then one linear output.
+  the flattened state concatenated with a prompt vector (`prompt_vector`), through linear layers gated by a
+  learned embedding of the step index, then one linear output.
 - `TemporalCriticHead` is TDPO-R's temporal critic (Zhang et al. 2024): V(features of x_t) only — no step, no
   prompt — an MLP in→1024→128→64→16→1 without activations on `CriticFeatures` (the decoded state's CLIP
   embedding, or its pixels through a small conv stem), whose neurons `ddpo.core.neurons` scores and resets.
@@ -33,16 +33,27 @@ class ConditionalLinear(nn.Module):
         return self.linear(inputs) * self.gate(steps)
 
 
+def prompt_vector(prompt_embeds: torch.Tensor | dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """One float32 vector (B, D) per sample from a model's prompt embeddings: the mean over tokens of (B, L, D)
+    embeddings; for a dict (SD3: `prompt_embeds` (B, L, D) and `pooled_prompt_embeds` (B, P)), each entry's
+    vector (token mean, or the entry itself when it is already (B, P)) concatenated in key order. None stays None."""
+    if prompt_embeds is None:
+        return None
+    if isinstance(prompt_embeds, dict):
+        return torch.cat([prompt_vector(prompt_embeds[key]) for key in sorted(prompt_embeds)], dim=1)
+    return (prompt_embeds.mean(dim=1) if prompt_embeds.ndim == 3 else prompt_embeds).float()
+
+
 class StepValueNetwork(nn.Module):
     """V(x_t, c, step): the expected final reward from state x_t of a trajectory for prompt c at step index
     `step` (0 for the first denoising step, num_steps - 1 for the last; the index, not the timestep value).
 
-    Input: concat[flatten(x_t), mean over tokens of the prompt embedding] -> `depth` ConditionalLinear layers
+    Input: concat[flatten(x_t), `prompt_vector` of the prompt embeddings] -> `depth` ConditionalLinear layers
     of `hidden_size` units, each followed by ReLU -> Linear -> 1. DPOK's critic has depth 3 and 256 units.
 
     Args:
         sample_shape: (C, H, W) of one state x_t.
-        prompt_dim: width D of the prompt embeddings (B, L, D); 0 for an unconditional model (no prompt input).
+        prompt_dim: width D of the prompt vectors (B, D); 0 for an unconditional model (no prompt input).
         num_steps: denoising steps T of the trajectories (the number of step gates).
     """
 
@@ -57,14 +68,16 @@ class StepValueNetwork(nn.Module):
         self.layers = nn.ModuleList(ConditionalLinear(widths[i], widths[i + 1], num_steps) for i in range(depth))
         self.output = nn.Linear(hidden_size, 1)
 
-    def forward(self, sample: torch.Tensor, steps: torch.Tensor, prompt_embeds: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, steps: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
         """Values (B,) float32 for states `sample` (B, C, H, W) at step indices `steps` (B,) int64, with
-        `prompt_embeds` (B, L, D), or None when the network was built with `prompt_dim` 0."""
+        `prompts` (B, D) from `prompt_vector`, or None when the network was built with `prompt_dim` 0."""
         inputs = sample.reshape(sample.shape[0], -1).float()
         if self.prompt_dim:
-            if prompt_embeds is None:
-                raise ValueError(f"this value network expects prompt embeddings of width {self.prompt_dim}")
-            inputs = torch.cat([inputs, prompt_embeds.float().mean(dim=1)], dim=1)
+            if prompts is None or tuple(prompts.shape) != (sample.shape[0], self.prompt_dim):
+                got = "none" if prompts is None else f"shape {tuple(prompts.shape)}"
+                raise ValueError(f"this value network expects prompt vectors ({sample.shape[0]}, {self.prompt_dim}), "
+                                 f"got {got}")
+            inputs = torch.cat([inputs, prompts.float()], dim=1)
         hidden = inputs
         for layer in self.layers:
             hidden = torch.relu(layer(hidden, steps))

@@ -119,10 +119,10 @@ class DPOK(ddpo.Algorithm):
             return
         import torch
 
-        from ddpo.core.critic import StepValueNetwork
+        from ddpo.core.critic import StepValueNetwork, prompt_vector
 
-        prompt_embeds = run.model.encode_prompts([""])
-        prompt_dim = 0 if prompt_embeds is None else prompt_embeds.shape[-1]
+        prompts = prompt_vector(run.model.encode_prompts([""]))
+        prompt_dim = 0 if prompts is None else prompts.shape[-1]
         network = StepValueNetwork(run.model.sample_shape(), prompt_dim, run.config.sample.num_steps)
         optimizer = torch.optim.AdamW(network.parameters(), lr=self.options.value_lr)
         self.value, _ = run.register_module("value", network, optimizer)
@@ -169,7 +169,10 @@ class DPOK(ddpo.Algorithm):
         this epoch's trajectories."""
         import torch
 
+        from ddpo.core.critic import prompt_vector
+
         options = self.options
+        prompts = prompt_vector(trajectory.prompt_embeds)
         generator = run.generator("value")
         policy_steps = trajectory.policy_steps[0].nonzero().flatten().cpu()
         accumulator = run.accumulator(options.value_micro_batches, modules=("value",))
@@ -178,9 +181,9 @@ class DPOK(ddpo.Algorithm):
             samples = torch.randint(trajectory.batch_size, (options.value_batch_size,), generator=generator)
             steps = policy_steps[torch.randint(len(policy_steps), (options.value_batch_size,), generator=generator)]
             samples, steps = samples.to(device), steps.to(device)
-            prompt_embeds = None if trajectory.prompt_embeds is None else trajectory.prompt_embeds[samples]
             with accumulator.micro_step():
-                values = self.value(trajectory.latents[samples, steps], steps, prompt_embeds)
+                values = self.value(trajectory.latents[samples, steps], steps,
+                                    None if prompts is None else prompts[samples])
                 loss = ((values - trajectory.rewards[samples].float()) ** 2).mean()
                 accumulator.backward(loss)
             statistics.add({"loss/value": loss.item()})
@@ -191,11 +194,14 @@ class DPOK(ddpo.Algorithm):
         +-advantage.clip_max like every advantage of the framework."""
         import torch
 
+        from ddpo.core.critic import prompt_vector
+
+        prompts = prompt_vector(trajectory.prompt_embeds)
         columns = []
         with torch.no_grad():
             for step in range(trajectory.num_steps):
                 steps = torch.full((trajectory.batch_size,), step, dtype=torch.long, device=trajectory.latents.device)
-                columns.append(self.value(trajectory.latents[:, step], steps, trajectory.prompt_embeds))
+                columns.append(self.value(trajectory.latents[:, step], steps, prompts))
         clip = run.config.advantage.clip_max
         return (trajectory.rewards.float()[:, None] - torch.stack(columns, dim=1)).clamp(-clip, clip)
 
