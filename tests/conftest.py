@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random pipelines saved to disk once per session, and a CLI runner.
+"""Shared fixtures: tiny random pipelines saved to disk once per session, and two CLI runners: `run_cli`, a fresh
+interpreter per command, and `forked_cli`, commands forked from a server that has done the imports
+(tests/forked_cli.py).
 
 The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml), one per core; each worker and every
 `ddpo` subprocess it starts uses one torch thread, unless OMP_NUM_THREADS says otherwise: on these small models
@@ -16,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, for t
 import pytest  # noqa: E402
 
 from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3  # noqa: E402
+from forked_cli import CliServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: fl
     environment = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ddpo", *args], capture_output=True, text=True, env=environment,
                           cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def forked_cli(tmp_path_factory):
+    """`forked_cli.run(*args, env=..., cwd=...)`: like `run_cli`, without paying the interpreter's imports."""
+    server = CliServer(tmp_path_factory.mktemp("forked-cli"))
+    yield server
+    server.close()

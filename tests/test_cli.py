@@ -32,9 +32,9 @@ def test_user_errors_are_one_line_with_exit_code_2(args, fragments, tmp_path):
     assert_one_line_usage_error(run_cli(*args, cwd=tmp_path), *fragments)
 
 
-def test_missing_weights_are_a_usage_error_and_leave_nothing_behind(tmp_path):
-    result = run_cli("run", "--model", "sd14", "--set", f"model.pretrained={tmp_path / 'nowhere'}",
-                     "--logdir", str(tmp_path / "runs"))
+def test_missing_weights_are_a_usage_error_and_leave_nothing_behind(forked_cli, tmp_path):
+    result = forked_cli.run("run", "--model", "sd14", "--set", f"model.pretrained={tmp_path / 'nowhere'}",
+                            "--logdir", str(tmp_path / "runs"))
     assert_one_line_usage_error(result, "cannot load model.pretrained=", "local directory saved with save_pretrained")
     assert not (tmp_path / "runs").exists()
 

@@ -59,10 +59,11 @@ def test_blank_and_noise_images_do_not_score_as_a_digit(classifier):
     assert probabilities[:, :10].max() < 0.2 and (probabilities[:, NOT_A_DIGIT] > 0.8).all(), probabilities
 
 
-def short_default_run(tmp_path, target: int, seed: int):
-    """8 epochs of the embedded default (ddpo-is, digits model) towards `target`: the CLI result and each epoch's
-    metrics. Asserts that the reward rose and the digits stayed legible."""
-    result = run_cli("run", "--epochs", "8", "--seed", str(seed), "--set", f"reward.target={target}",
+def short_default_run(cli, tmp_path, target: int, seed: int):
+    """8 epochs of the embedded default (ddpo-is, digits model) towards `target` through `cli` (`run_cli` or
+    `forked_cli.run`): the CLI result and each epoch's metrics. Asserts that the reward rose and the digits stayed
+    legible."""
+    result = cli("run", "--epochs", "8", "--seed", str(seed), "--set", f"reward.target={target}",
                      "--set", "eval.rewards=[legibility]", "--logdir", str(tmp_path), "--run-name", "demo")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
@@ -75,7 +76,7 @@ def short_default_run(tmp_path, target: int, seed: int):
 def test_short_default_run_raises_the_target_probability(tmp_path):
     """A target other than 0, which the old recipe collapsed on (seed 0, one thread: 0.14 0.10 0.25 0.28 0.47
     0.49 0.56 0.54, legibility >= 0.97)."""
-    result = short_default_run(tmp_path, target=3, seed=0)
+    result = short_default_run(run_cli, tmp_path, target=3, seed=0)
     assert "tensorboard --logdir" in result.stderr and "final samples:" in result.stderr
 
     checkpoint = tmp_path / "demo" / "checkpoints" / "epoch_0008"
@@ -86,10 +87,10 @@ def test_short_default_run_raises_the_target_probability(tmp_path):
     assert grid.is_file()
 
 
-def test_short_default_run_learns_another_target_with_another_seed(tmp_path):
+def test_short_default_run_learns_another_target_with_another_seed(forked_cli, tmp_path):
     """The recipe was tuned on targets 0, 3 and 7 with seed 0; target 6, seed 1 (one thread: 0.11 0.17 0.16 0.29
     0.37 0.28 0.38 0.56, legibility >= 0.97) is one of the bench's other 27 runs."""
-    short_default_run(tmp_path, target=6, seed=1)
+    short_default_run(forked_cli.run, tmp_path, target=6, seed=1)
 
 
 def test_ddpm_plugin_fine_tunes_a_pipeline_from_a_local_directory(tmp_path):

@@ -111,13 +111,14 @@ def test_prompt_vector_of_sd3s_two_embeddings_is_the_token_mean_then_the_pooled_
     assert prompt_vector(None) is None
 
 
-def test_dpok_with_its_value_network_trains_the_tiny_sd3_pipeline(tiny_sd3, tmp_path):
+def test_dpok_with_its_value_network_trains_the_tiny_sd3_pipeline(tiny_sd3, forked_cli, tmp_path):
     """SD3 conditions on a dict of two embeddings: the value network reads both (it used to fail on the dict)."""
-    result = run_cli("run", "--algo", "dpok", "--model", "sd3", "--reward", "compressibility",
-                     "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
-                     "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=3",
-                     "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--epochs", "1",
-                     "--logdir", str(tmp_path), "--run-name", "sd3")
+    result = forked_cli.run("run", "--algo", "dpok", "--model", "sd3", "--reward", "compressibility",
+                            "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
+                            "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+                            "--set", "sample.num_steps=3",
+                            "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--epochs", "1",
+                            "--logdir", str(tmp_path), "--run-name", "sd3")
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = read_metrics(tmp_path / "sd3")
     assert record["loss/value"] > 0 and record["policy/ratio_dev_first"] <= 1e-6, record
@@ -212,8 +213,8 @@ def test_bad_options_are_usage_errors(setting):
         resolve_config(None, [setting], {"algorithm": {"name": "dpok"}})
 
 
-def test_cli_rejects_a_bad_option_with_exit_2():
-    result = run_cli("run", "--algo", "dpok", "--set", "algorithm.ratio_clip=-1e-4", "--epochs", "1")
+def test_cli_rejects_a_bad_option_with_exit_2(forked_cli):
+    result = forked_cli.run("run", "--algo", "dpok", "--set", "algorithm.ratio_clip=-1e-4", "--epochs", "1")
     assert result.returncode == 2
     assert "algorithm.ratio_clip" in result.stderr and "Traceback" not in result.stderr
 
@@ -226,13 +227,13 @@ DPOK_TAGS = ["loss/policy", "loss/kl", "loss/value", "loss/total", "policy/kl_to
              "policy/ratio_mean", "policy/clipfrac", "policy/ratio_dev_first"]
 
 
-def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, tmp_path):
-    result = run_cli("run", "--algo", "dpok", "--reward", "compressibility", "--model", "sd14",
-                     "--set", f"model.pretrained={tiny_sd}", "--set", "sample.num_steps=4",
-                     "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
-                     "--set", "train.batch_size=2",
-                     "--set", "algorithm.value_batch_size=8", "--epochs", "2", "--logdir", str(tmp_path),
-                     "--run-name", "sd")
+def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, forked_cli, tmp_path):
+    result = forked_cli.run("run", "--algo", "dpok", "--reward", "compressibility", "--model", "sd14",
+                            "--set", f"model.pretrained={tiny_sd}", "--set", "sample.num_steps=4",
+                            "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+                            "--set", "train.batch_size=2",
+                            "--set", "algorithm.value_batch_size=8", "--epochs", "2", "--logdir", str(tmp_path),
+                            "--run-name", "sd")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "sd")
     assert len(records) == 2
@@ -246,11 +247,12 @@ def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, tmp_path):
 LEARNING_EPOCHS = 10
 
 
-def test_dpok_learns_target_3_on_digits_and_keeps_them_legible(tmp_path):
+def test_dpok_learns_target_3_on_digits_and_keeps_them_legible(forked_cli, tmp_path):
     """The digits defaults of `model_run_defaults`: target 3 rises from about 0.14 to 0.9 in 10 epochs (seeds 1
     and 2: 0.05 -> 0.81 and 0.09 -> 0.74), and the samples keep reading as digits (legibility)."""
-    result = run_cli("run", "--algo", "dpok", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
-                     "--epochs", str(LEARNING_EPOCHS), "--seed", "0", "--logdir", str(tmp_path), "--run-name", "learn")
+    result = forked_cli.run("run", "--algo", "dpok", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
+                            "--epochs", str(LEARNING_EPOCHS), "--seed", "0", "--logdir", str(tmp_path),
+                            "--run-name", "learn")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "learn")
     rewards = [record["reward/mean"] for record in records]

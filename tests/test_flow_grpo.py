@@ -124,15 +124,16 @@ def test_groups_larger_than_a_batch_span_batches_and_processes(tiny_ddpm, same_n
     assert all((starts[index] == starts[0]).all() == same_noise for index in range(1, 8))
 
 
-def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_sd3, tmp_path):
+def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_sd3, forked_cli, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    result = run_cli("run", "--algo", "grpo", "--model", "sd3", "--reward", "compressibility",
-                     "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
-                     "--set", "algorithm.group_size=4", "--set", "algorithm.kl_beta=0.04",
-                     "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=3",
-                     "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "eval.num_steps=5",
-                     "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "flow")
+    result = forked_cli.run("run", "--algo", "grpo", "--model", "sd3", "--reward", "compressibility",
+                            "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
+                            "--set", "algorithm.group_size=4", "--set", "algorithm.kl_beta=0.04",
+                            "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+                            "--set", "sample.num_steps=3",
+                            "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "eval.num_steps=5",
+                            "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "flow")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
     for record in records:
@@ -157,11 +158,11 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
     assert torch.allclose(loaded, trained, atol=1e-5)  # diffusers' loader reads them as they were trained
 
 
-def test_grpo_learns_a_3_on_digits(tmp_path):
+def test_grpo_learns_a_3_on_digits(forked_cli, tmp_path):
     # grpo's digits defaults, groups of 8 from one noise. Seed 0 (one thread): 0.08 0.12 0.20 0.19 0.28 0.32 0.31
     # 0.32 0.41 0.54 0.48 0.65, legibility 0.96-0.99.
-    result = run_cli("run", "--algo", "grpo", "--set", "reward.target=3", "--epochs", "8", "--logdir", str(tmp_path),
-                     "--run-name", "digits")
+    result = forked_cli.run("run", "--algo", "grpo", "--set", "reward.target=3", "--epochs", "8",
+                            "--logdir", str(tmp_path), "--run-name", "digits")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "digits" / "metrics.jsonl").read_text().splitlines()]
     rewards = [record["reward/mean"] for record in records]

@@ -38,8 +38,9 @@ def load_sd(tiny_sd, **options):
     return model
 
 
-def test_profile_writes_a_trace_of_one_epoch_with_the_phases_labelled(tmp_path):
-    result = run_cli("run", *TINY_DIGITS, "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "p", "--profile")
+def test_profile_writes_a_trace_of_one_epoch_with_the_phases_labelled(forked_cli, tmp_path):
+    result = forked_cli.run("run", *TINY_DIGITS, "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "p",
+                            "--profile")
     assert result.returncode == 0, result.stderr[-2000:]
     traces = sorted((tmp_path / "p" / "profile").iterdir())
     assert [trace.name for trace in traces] == ["epoch_0001.trace.json"]  # the only epoch (else the second)

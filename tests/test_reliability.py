@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli
+from forked_cli import CliServer
 
 TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
         "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "keep_checkpoints=0"]
@@ -152,41 +153,6 @@ def register_rewards(register):
         register(reward)
 '''
 
-SERVER = r'''
-"""Fork `ddpo` CLI runs from a process that has imported the heavy modules: read a JSON job per line
-({"argv", "env", "stderr"}), fork, run ddpo.cli.main(argv) in the child, print {"returncode"} per job."""
-import json
-import os
-import signal
-import sys
-
-import diffusers  # noqa: F401 - the imports every run pays, done once
-import ddpo.core.trainer  # noqa: F401
-from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline, UNet2DModel  # noqa: F401
-from ddpo.cli import main
-
-for line in sys.stdin:
-    job = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.environ.update(job["env"])
-        with open(job["stderr"], "w") as stderr:
-            os.dup2(stderr.fileno(), 2)
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-        sys.stdin.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        code = 0
-        try:
-            main(job["argv"])
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
-'''
 
 
 def make_distribution(directory, module, source):
@@ -205,33 +171,21 @@ def probe_plugin(tmp_path_factory):
     return make_distribution(tmp_path_factory.mktemp("probe"), "reliability_probe", PROBE)
 
 
-class CliServer:
-    def __init__(self, plugin_path, work):
-        environment = {**os.environ, "PYTHONPATH": str(plugin_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=environment)
-        self.work = work
-        self.jobs = 0
+class ProbeCli:
+    """The forked CLI with the probe plugin on its path; `run(*argv, **env)` returns (exit code, stderr)."""
+
+    def __init__(self, server: CliServer):
+        self.server = server
 
     def run(self, *argv, **env):
-        """Run `ddpo ARGV` with extra environment variables; returns (returncode, stderr text)."""
-        self.jobs += 1
-        stderr = self.work / f"job{self.jobs}.stderr"
-        self.process.stdin.write(json.dumps({"argv": list(argv), "env": env, "stderr": str(stderr)}) + "\n")
-        self.process.stdin.flush()
-        answer = self.process.stdout.readline()
-        assert answer, "the CLI server died"
-        return json.loads(answer)["returncode"], stderr.read_text()
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        result = self.server.run(*argv, env=env)
+        return result.returncode, result.stderr
 
 
 @pytest.fixture(scope="module")
 def cli_server(probe_plugin, tmp_path_factory):
-    server = CliServer(probe_plugin, tmp_path_factory.mktemp("jobs"))
-    yield server
+    server = CliServer(tmp_path_factory.mktemp("jobs"), plugin_path=probe_plugin)
+    yield ProbeCli(server)
     server.close()
 
 

@@ -384,7 +384,7 @@ def test_serve_reward_command_serves_and_validates_options(capsys):
 # --- every reward in `ddpo run` on a tiny SD pipeline --------------------------------------------------------------
 
 def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_llava, tiny_encoder, serve_jpeg,
-                                    tmp_path):
+                                    forked_cli, tmp_path):
     """One run whose reward sums aesthetic, clipscore, pickscore, alignment and remote (all with local weights),
     so each is loaded and called by the trainer; each is logged as reward/<name>/mean."""
     jpeg_server = serve_jpeg(batch_window=0.0)
@@ -403,7 +403,7 @@ def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_
             "--logdir", str(tmp_path), "--run-name", "all"]
     for assignment in sets:
         args += ["--set", assignment]
-    result = run_cli(*args)
+    result = forked_cli.run(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[0])
     for label in components:

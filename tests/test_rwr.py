@@ -197,8 +197,8 @@ def test_out_of_range_options_are_refused(algorithm, option):
         resolve_config(None, [f"algorithm.{option}"], {"algorithm": {"name": algorithm}})
 
 
-def test_zero_temperature_exits_2_with_one_line(tmp_path):
-    result = run_cli("run", "--algo", "rwr", "--set", "algorithm.temperature=0", "--logdir", str(tmp_path))
+def test_zero_temperature_exits_2_with_one_line(forked_cli, tmp_path):
+    result = forked_cli.run("run", "--algo", "rwr", "--set", "algorithm.temperature=0", "--logdir", str(tmp_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "algorithm.temperature" in lines[0], result.stderr
@@ -217,9 +217,9 @@ TINY_SD = ["--model", "sd14", "--reward", "compressibility", "--epochs", "2", "-
 
 @pytest.mark.parametrize("algorithm, extra", [("rwr", ["--set", "sample.eta=0"]),  # LoRA, deterministic sampling
                                               ("rwr-sparse", ["--set", "model.use_lora=false"])])
-def test_run_on_tiny_sd_logs_the_rwr_tags(algorithm, extra, tiny_sd, tmp_path):
-    result = run_cli("run", "--algo", algorithm, *TINY_SD, "--set", f"model.pretrained={tiny_sd}", *extra,
-                     "--logdir", str(tmp_path), "--run-name", algorithm)
+def test_run_on_tiny_sd_logs_the_rwr_tags(algorithm, extra, tiny_sd, forked_cli, tmp_path):
+    result = forked_cli.run("run", "--algo", algorithm, *TINY_SD, "--set", f"model.pretrained={tiny_sd}", *extra,
+                            "--logdir", str(tmp_path), "--run-name", algorithm)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / algorithm)
     assert len(records) == 2
@@ -235,11 +235,11 @@ def test_run_on_tiny_sd_logs_the_rwr_tags(algorithm, extra, tiny_sd, tmp_path):
             assert np.isfinite(record["train/grad_norm"])
 
 
-def test_rwr_raises_the_probability_of_a_three_on_digits(tmp_path):
+def test_rwr_raises_the_probability_of_a_three_on_digits(forked_cli, tmp_path):
     """The digits defaults of `model_run_defaults` with target 3 (target 0 is the easy default). In 6 epochs the
     mean reward rose by 0.30, 0.20 and 0.19 for seeds 0, 1 and 2 (last two epochs' mean over the first)."""
-    result = run_cli("run", "--algo", "rwr", "--set", "reward.target=3", "--epochs", "6", "--seed", "0",
-                     "--logdir", str(tmp_path), "--run-name", "digits")
+    result = forked_cli.run("run", "--algo", "rwr", "--set", "reward.target=3", "--epochs", "6", "--seed", "0",
+                            "--logdir", str(tmp_path), "--run-name", "digits")
     assert result.returncode == 0, result.stderr[-3000:]
     rewards = [record["reward/mean"] for record in read_metrics(tmp_path / "digits")]
     assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.15, rewards

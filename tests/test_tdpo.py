@@ -108,11 +108,11 @@ TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "
         "--set", "train.batch_size=4", "--set", "train.grad_accum=1"]
 
 
-def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(tmp_path):
+def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(forked_cli, tmp_path):
     # digits defaults of tdpo-r (pixel features, KL 0.1). Seed 0: 0.14 0.08 0.16 0.15 0.14 0.29 0.30 0.27 0.36 0.57
     # 0.52 0.64, legibility 0.97-0.99, explained variance up to 0.19 before the reset at epoch 10.
-    result = run_cli("run", "--algo", "tdpo-r", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
-                     "--epochs", "12", "--logdir", str(tmp_path), "--run-name", "learn")
+    result = forked_cli.run("run", "--algo", "tdpo-r", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
+                            "--epochs", "12", "--logdir", str(tmp_path), "--run-name", "learn")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "learn")
     rewards = [record["reward/mean"] for record in records]
@@ -121,12 +121,13 @@ def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(tmp_path
     assert max(record["critic/explained_variance"] for record in records) > 0.05, records
 
 
-def test_headline_command_runs_on_tiny_sd_with_a_tiny_clip(tiny_sd, tiny_clip, aesthetic_weights, tmp_path):
-    result = run_cli("run", "--algo", "tdpo-r", "--reward", "aesthetic", "--model", "sd14",
-                     "--set", f"model.pretrained={tiny_sd}", "--set", f"reward.clip_model={tiny_clip}",
-                     "--set", f"reward.weights={aesthetic_weights}", "--set", f"algorithm.clip_model={tiny_clip}",
-                     "--set", "algorithm.reset_every=1", "--set", "eval.rewards=[compressibility]", *TINY,
-                     "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "headline")
+def test_headline_command_runs_on_tiny_sd_with_a_tiny_clip(tiny_sd, tiny_clip, aesthetic_weights, forked_cli, tmp_path):
+    result = forked_cli.run("run", "--algo", "tdpo-r", "--reward", "aesthetic", "--model", "sd14",
+                            "--set", f"model.pretrained={tiny_sd}", "--set", f"reward.clip_model={tiny_clip}",
+                            "--set", f"reward.weights={aesthetic_weights}",
+                            "--set", f"algorithm.clip_model={tiny_clip}",
+                            "--set", "algorithm.reset_every=1", "--set", "eval.rewards=[compressibility]", *TINY,
+                            "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "headline")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "headline")
     for tag in ("critic/loss", "critic/explained_variance", "critic/active_fraction", "critic/dormant_fraction",

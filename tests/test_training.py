@@ -8,7 +8,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli
 
 # Small, fast settings for the tiny random SD pipeline. All weights are trained (its few attention layers give
 # LoRA little leverage on the image) with a learning rate that moves them within a few epochs, and each epoch
@@ -28,8 +27,8 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def train(logdir, name, *args, env=None):
-    result = run_cli("run", "--logdir", str(logdir), "--run-name", name, *args, env=env)
+def train(cli, logdir, name, *args, env=None):
+    result = cli.run("run", "--logdir", str(logdir), "--run-name", name, *args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return logdir / name
 
@@ -40,9 +39,9 @@ def is_args(tiny_sd):
 
 
 @pytest.fixture(scope="module")
-def is_run(tiny_sd, tmp_path_factory):
+def is_run(tiny_sd, forked_cli, tmp_path_factory):
     """ddpo-is on the tiny SD pipeline with the compressibility reward, incompressibility as eval reward."""
-    return train(tmp_path_factory.mktemp("runs"), "is", *is_args(tiny_sd))
+    return train(forked_cli, tmp_path_factory.mktemp("runs"), "is", *is_args(tiny_sd))
 
 
 def assert_rising(rewards):
@@ -55,8 +54,8 @@ def test_ddpo_is_raises_compressibility(is_run):
     assert_rising([record["reward/mean"] for record in read_metrics(is_run)])
 
 
-def test_ddpo_sf_raises_compressibility(tiny_sd, tmp_path):
-    run_dir = train(tmp_path, "sf", "--algo", "ddpo-sf", "--reward", "compressibility", *TINY_SD,
+def test_ddpo_sf_raises_compressibility(tiny_sd, forked_cli, tmp_path):
+    run_dir = train(forked_cli, tmp_path, "sf", "--algo", "ddpo-sf", "--reward", "compressibility", *TINY_SD,
                     "--set", f"model.pretrained={tiny_sd}", "--epochs", str(EPOCHS))
     records = read_metrics(run_dir)
     assert_rising([record["reward/mean"] for record in records])
@@ -103,12 +102,12 @@ def test_tensorboard_event_file_reads_back_with_reward_queries_as_step(is_run):
     assert events.PluginTagToContent("hparams")  # the config as hparams, in the same event stream
 
 
-def test_resume_can_extend_a_finished_run(is_run, tmp_path):
+def test_resume_can_extend_a_finished_run(is_run, forked_cli, tmp_path):
     import shutil
 
     run_dir = tmp_path / "extended"
     shutil.copytree(is_run, run_dir)
-    result = run_cli("run", "--resume", str(run_dir), "--epochs", str(EPOCHS + 1))
+    result = forked_cli.run("run", "--resume", str(run_dir), "--epochs", str(EPOCHS + 1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [record["epoch"] for record in read_metrics(run_dir)] == list(range(1, EPOCHS + 2))
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == [
@@ -116,12 +115,12 @@ def test_resume_can_extend_a_finished_run(is_run, tmp_path):
     assert yaml_config(run_dir)["epochs"] == EPOCHS + 1
 
 
-def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, tmp_path):
+def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, forked_cli, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from ddpo.plugins.models.sd import StableDiffusion
 
-    run_dir = train(tmp_path, "lora", "--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD,
+    run_dir = train(forked_cli, tmp_path, "lora", "--algo", "ddpo-is", "--reward", "compressibility", *TINY_SD,
                     "--set", f"model.pretrained={tiny_sd}", "--set", "model.use_lora=true",
                     "--set", "train.learning_rate=3e-4", "--epochs", "1")
     checkpoint = run_dir / "checkpoints" / "epoch_0001"
@@ -144,17 +143,17 @@ def test_lora_checkpoint_loads_in_vanilla_diffusers(tiny_sd, tmp_path):
     assert torch.allclose(loaded, trained, atol=1e-5)
 
 
-def test_sample_command_writes_grids_of_the_base_and_fine_tuned_model(is_run, tmp_path):
+def test_sample_command_writes_grids_of_the_base_and_fine_tuned_model(is_run, forked_cli, tmp_path):
     from PIL import Image
 
     checkpoint = is_run / "checkpoints" / f"epoch_{EPOCHS:04d}"
-    tuned = run_cli("sample", "--checkpoint", str(checkpoint), "--num", "6", "--prompt", "cat", "--prompt", "dog",
-                    "--out", str(tmp_path / "tuned.png"))
+    tuned = forked_cli.run("sample", "--checkpoint", str(checkpoint), "--num", "6", "--prompt", "cat", "--prompt",
+                           "dog", "--out", str(tmp_path / "tuned.png"))
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     base_config = yaml_config(is_run)
-    base = run_cli("sample", "--model", "sd14", "--set", f"model.pretrained={base_config['model']['pretrained']}",
-                   "--set", "sample.num_steps=4", "--num", "6", "--prompt", "cat", "--prompt", "dog",
-                   "--out", str(tmp_path / "base.png"))
+    base = forked_cli.run("sample", "--model", "sd14", "--set",
+                          f"model.pretrained={base_config['model']['pretrained']}", "--set", "sample.num_steps=4",
+                          "--num", "6", "--prompt", "cat", "--prompt", "dog", "--out", str(tmp_path / "base.png"))
     assert base.returncode == 0, base.stderr[-2000:]
     tuned_image, base_image = Image.open(tmp_path / "tuned.png"), Image.open(tmp_path / "base.png")
     assert tuned_image.size == base_image.size == (3 * 66 + 2, 2 * 66 + 2)  # 3x2 grid of 64-pixel cells
@@ -167,16 +166,16 @@ def yaml_config(run_dir):
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def test_compare_tabulates_and_plots_runs_on_the_reward_query_axis(is_run, tmp_path):
+def test_compare_tabulates_and_plots_runs_on_the_reward_query_axis(is_run, forked_cli, tmp_path):
     from PIL import Image
 
     chart = tmp_path / "chart.png"
-    result = run_cli("compare", str(is_run.parent), "--tag", "reward/mean", "--out", str(chart))
+    result = forked_cli.run("compare", str(is_run.parent), "--tag", "reward/mean", "--out", str(chart))
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if line.startswith("ddpo-is "))
     last = read_metrics(is_run)[-1]
     assert row.split()[:5] == ["ddpo-is", "compressibility", "sd14", "1", str(last["reward_queries"])]
     assert f"{last['reward/mean']:.3g} ± 0" in row  # one seed: std 0
     assert Image.open(chart).format == "PNG"
-    missing = run_cli("compare", str(is_run.parent), "--tag", "reward/meen")
+    missing = forked_cli.run("compare", str(is_run.parent), "--tag", "reward/meen")
     assert missing.returncode == 2 and "tags there:" in missing.stderr and "reward/mean" in missing.stderr
