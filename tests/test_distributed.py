@@ -1,10 +1,12 @@
 """Two CPU processes through `accelerate launch` (gloo): rewards and prompts are gathered, every rank takes part in
-saving (no hang), and only the main process writes the logs."""
+saving (no hang), only the main process writes the logs, and Ctrl-C stops every rank with a checkpoint."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 
 def test_two_process_run_gathers_rewards_and_saves_without_hanging(tiny_ddpm, tmp_path):
@@ -27,3 +29,38 @@ def test_two_process_run_gathers_rewards_and_saves_without_hanging(tiny_ddpm, tm
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
     assert result.stderr.count("run directory:") == 1
+
+
+def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_resumes(tiny_ddpm, tmp_path):
+    """A terminal Ctrl-C (SIGINT to the launcher's process group) once the run has a checkpoint: the launcher hands
+    SIGINT on to both ranks, which stop after the current optimizer step or sampling batch and save, as one
+    process does; the same launch with --resume continues. The launcher itself exits with its own error."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo", "run"]
+    run_dir = tmp_path / "ddp"
+    args = ["--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}", "--reward", "compressibility",
+            "--set", "sample.num_steps=4", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=2",
+            "--set", "train.batch_size=4", "--set", "train.grad_accum=2", "--epochs", "200",
+            "--logdir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "epoch_0001").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    stops = [line for line in stderr.splitlines() if line.startswith("ddpo: error: interrupted")]
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same checkpoint
+    newest = max((run_dir / "checkpoints").iterdir())
+    assert str(newest) in stops[0]
+    assert {path.name for path in newest.iterdir()} == {"weights.safetensors", "optimizer.pt", "algorithm.pt",
+                                                        "trainer.json"}
+    done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+    resumed = subprocess.run(launch + ["--resume", str(run_dir), "--epochs", str(done + 2)], capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-1] == done + 2 and epochs == sorted(epochs), epochs
