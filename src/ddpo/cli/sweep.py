@@ -126,23 +126,25 @@ class Sweep:
         if is_finished(run):
             self.report(run, f"skipped: finished ({run.epochs} epochs)")
             return "finished"
-        if self.interrupted.is_set():
+        process = None
+        started = time.perf_counter()
+        with self.lock:  # so that an interrupt either comes first or sees the process
+            if not self.interrupted.is_set():
+                command, action = self.command(run)
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                log = run.run_dir / LOG_FILE
+                with log.open("a") as stream:
+                    stream.write(f"$ {' '.join(command)}\n")
+                    stream.flush()
+                    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, start_new_session=True)
+                self.processes.add(process)
+        if process is None:
             self.report(run, "not started: the sweep was interrupted")
             return "not started"
-        command, action = self.command(run)
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        log = run.run_dir / LOG_FILE
-        started = time.perf_counter()
-        with log.open("a") as stream:
-            stream.write(f"$ {' '.join(command)}\n")
-            stream.flush()
-            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
-            with self.lock:
-                self.processes.add(process)
-            returncode = process.wait()
-            with self.lock:
-                self.processes.discard(process)
+        returncode = process.wait()
+        with self.lock:
+            self.processes.discard(process)
         seconds = time.perf_counter() - started
         if returncode == INTERRUPTED_EXIT_CODE:
             self.interrupted.set()
@@ -158,8 +160,8 @@ class Sweep:
 
     def interrupt(self) -> None:
         """Ctrl-C: start no further run, and hand the SIGINT on to the runs in progress."""
-        self.interrupted.set()
         with self.lock:
+            self.interrupted.set()
             for process in self.processes:
                 process.send_signal(signal.SIGINT)
 
