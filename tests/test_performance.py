@@ -191,3 +191,28 @@ def test_registry_knows_plugin_packages_without_scanning_every_distribution():
     from importlib.metadata import version
 
     assert result.stdout.split() == ["ddpo", version("ddpo")]
+
+
+def test_gc_paused_restores_the_collector_as_it_was_even_after_an_error():
+    import gc
+
+    from ddpo.core.errors import UsageError
+    from ddpo.core.model import load_pretrained
+    from ddpo.core.startup import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(UsageError, match="model.pretrained is empty"):
+        load_pretrained("DDPMPipeline", "")  # fails inside the paused block
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block restores the outer block's state
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # paused by someone else before: stays so
+    finally:
+        gc.enable()

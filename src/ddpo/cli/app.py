@@ -14,6 +14,7 @@ from ddpo.core.errors import UsageError
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
 from ddpo.core.preflight import check_logdir, check_resume
+from ddpo.core.startup import gc_paused
 
 AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
 RewardFlag = Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")]
@@ -80,7 +81,8 @@ def build_app() -> typer.Typer:
         if base is not None:
             check_resume(base, resolved.model_dump(mode="json"))
         check_logdir(resume if resume is not None else resolved.logdir)
-        from ddpo.core.trainer import train
+        with gc_paused():  # torch, accelerate, tensorboard
+            from ddpo.core.trainer import train
 
         train(resolved, resume_dir=resume, profile=profile)
 
@@ -134,7 +136,8 @@ def build_app() -> typer.Typer:
             raise UsageError(f"--out must be a .png file, got '{out}'")
         resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device),
                                   base=_checkpoint_config(checkpoint))
-        from ddpo.core.sampling import sample_grid
+        with gc_paused():  # torch
+            from ddpo.core.sampling import sample_grid
 
         path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)
         typer.echo(f"wrote {path}")

@@ -17,6 +17,7 @@ import pydantic
 
 from ddpo.core.base import Options, Plugin
 from ddpo.core.errors import UsageError
+from ddpo.core.startup import gc_paused
 
 if TYPE_CHECKING:
     import torch
@@ -296,7 +297,13 @@ class Model(Plugin):
 
 def load_pretrained(pipeline_class: str, pretrained: str, **kwargs):
     """`diffusers.<pipeline_class>.from_pretrained(pretrained, **kwargs)`, quietly, with a usage error when
-    the weights cannot be found."""
+    the weights cannot be found. The imports and the loading run with the garbage collector paused
+    (`ddpo.core.startup`)."""
+    with gc_paused():
+        return _load_pretrained(pipeline_class, pretrained, **kwargs)
+
+
+def _load_pretrained(pipeline_class: str, pretrained: str, **kwargs):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # before diffusers imports the pipeline's processors
