@@ -248,8 +248,8 @@ LEARNING_EPOCHS = 10
 
 
 def test_dpok_learns_target_3_on_digits_and_keeps_them_legible(forked_cli, tmp_path):
-    """The digits defaults of `model_run_defaults`: target 3 rises from about 0.14 to 0.9 in 10 epochs (seeds 1
-    and 2: 0.05 -> 0.81 and 0.09 -> 0.74), and the samples keep reading as digits (legibility)."""
+    """The digits defaults of `model_run_defaults`: target 3 rises from 0.14 to 0.88 in 10 epochs (the comparison
+    sweep's seeds 1 and 2: 0.05 -> 0.90 and 0.09 -> 0.65), and the samples keep reading as digits (legibility)."""
     result = forked_cli.run("run", "--algo", "dpok", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
                             "--epochs", str(LEARNING_EPOCHS), "--seed", "0", "--logdir", str(tmp_path),
                             "--run-name", "learn")
@@ -257,4 +257,5 @@ def test_dpok_learns_target_3_on_digits_and_keeps_them_legible(forked_cli, tmp_p
     records = read_metrics(tmp_path / "learn")
     rewards = [record["reward/mean"] for record in records]
     assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.25, rewards
-    assert min(record["eval/legibility/mean"] for record in records) > 0.75, records  # seed 0: 0.80 at worst
+    # seed 0 dips to 0.79 at epoch 7 and recovers (base model 0.99); a model that stops drawing digits is far below
+    assert min(record["eval/legibility/mean"] for record in records) > 0.7, records

@@ -236,10 +236,12 @@ def test_run_on_tiny_sd_logs_the_rwr_tags(algorithm, extra, tiny_sd, forked_cli,
 
 
 def test_rwr_raises_the_probability_of_a_three_on_digits(forked_cli, tmp_path):
-    """The digits defaults of `model_run_defaults` with target 3 (target 0 is the easy default). In 6 epochs the
-    mean reward rose by 0.30, 0.20 and 0.19 for seeds 0, 1 and 2 (last two epochs' mean over the first)."""
-    result = forked_cli.run("run", "--algo", "rwr", "--set", "reward.target=3", "--epochs", "6", "--seed", "0",
+    """The digits defaults of `model_run_defaults` with target 3 (target 0 is the easy default). In 10 epochs the
+    last two epochs' mean reward rose over the first by 0.53, 0.65 and 0.46 for seeds 0, 1 and 2 (the comparison
+    sweep, docs/comparing.md); after 6 epochs seed 0 had risen by only 0.17, too close to a threshold to hold on
+    another CPU's arithmetic."""
+    result = forked_cli.run("run", "--algo", "rwr", "--set", "reward.target=3", "--epochs", "10", "--seed", "0",
                             "--logdir", str(tmp_path), "--run-name", "digits")
     assert result.returncode == 0, result.stderr[-3000:]
     rewards = [record["reward/mean"] for record in read_metrics(tmp_path / "digits")]
-    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.15, rewards
+    assert (rewards[-1] + rewards[-2]) / 2 > rewards[0] + 0.3, rewards
