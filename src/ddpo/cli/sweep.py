@@ -169,10 +169,11 @@ class Sweep:
         """Run every combination, `jobs` at once; returns each one's outcome (see `execute`)."""
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(self.execute, run) for run in self.runs]
-            while True:
+            while not all(future.done() for future in futures):
                 try:
-                    wait(futures)
-                    break
+                    # Short waits: the kernel may deliver the SIGINT to a worker thread, and Python then raises
+                    # KeyboardInterrupt in the main thread only when it next runs, not inside a blocking wait.
+                    wait(futures, timeout=0.2)
                 except KeyboardInterrupt:
                     self.interrupt()
         return [future.result() for future in futures]
