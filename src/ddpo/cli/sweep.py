@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -169,11 +169,14 @@ class Sweep:
         """Run every combination, `jobs` at once; returns each one's outcome (see `execute`)."""
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(self.execute, run) for run in self.runs]
-            while not all(future.done() for future in futures):
+            # Poll in short sleeps rather than block in concurrent.futures.wait: a KeyboardInterrupt can then only
+            # arise here (inside wait it could leave the futures' locks held), and it arises within 0.2 s even
+            # when the kernel delivered the SIGINT to a worker thread, which wakes no blocked main thread.
+            while True:
                 try:
-                    # Short waits: the kernel may deliver the SIGINT to a worker thread, and Python then raises
-                    # KeyboardInterrupt in the main thread only when it next runs, not inside a blocking wait.
-                    wait(futures, timeout=0.2)
+                    if all(future.done() for future in futures):
+                        break
+                    time.sleep(0.2)
                 except KeyboardInterrupt:
                     self.interrupt()
         return [future.result() for future in futures]
