@@ -46,8 +46,9 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
     process = subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "epoch_0001").is_dir() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while not ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())):
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint while the run ran"
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
