@@ -166,19 +166,20 @@ class Sweep:
                 process.send_signal(signal.SIGINT)
 
     def execute_all(self, jobs: int) -> list[str]:
-        """Run every combination, `jobs` at once; returns each one's outcome (see `execute`)."""
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(self.execute, run) for run in self.runs]
-            # Poll in short sleeps rather than block in concurrent.futures.wait: a KeyboardInterrupt can then only
-            # arise here (inside wait it could leave the futures' locks held), and it arises within 0.2 s even
-            # when the kernel delivered the SIGINT to a worker thread, which wakes no blocked main thread.
-            while True:
-                try:
-                    if all(future.done() for future in futures):
-                        break
+        """Run every combination, `jobs` at once; returns each one's outcome (see `execute`).
+
+        The sweep's own SIGINT handler calls `interrupt`, as `ddpo run` installs its own: Python's default one
+        is missing when SIGINT came in ignored (a job started with `&` by a script), and it raises
+        KeyboardInterrupt, which could arise inside the pool's locking. The main thread polls in short sleeps
+        so that the handler runs within 0.2 s whichever thread the kernel gave the signal to."""
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: self.interrupt())
+        try:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(self.execute, run) for run in self.runs]
+                while not all(future.done() for future in futures):
                     time.sleep(0.2)
-                except KeyboardInterrupt:
-                    self.interrupt()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return [future.result() for future in futures]
 
 
