@@ -52,10 +52,10 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
-    stops = [line for line in stderr.splitlines() if line.startswith("ddpo: error: interrupted")]
-    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both ranks, the same checkpoint
+    # Both ranks report the stop (their stderr lines can interleave), naming the newest checkpoint.
+    assert stderr.count("ddpo: error: interrupted") == 2, stderr[-3000:]
     newest = max((run_dir / "checkpoints").iterdir())
-    assert str(newest) in stops[0]
+    assert stderr.count(f"{newest}") >= 2, stderr[-3000:]
     assert {path.name for path in newest.iterdir()} == {"weights.safetensors", "optimizer.pt", "algorithm.pt",
                                                         "trainer.json"}
     done = len((run_dir / "metrics.jsonl").read_text().splitlines())
