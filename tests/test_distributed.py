@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 
 def test_two_process_run_gathers_rewards_and_saves_without_hanging(tiny_ddpm, tmp_path):
     # accelerate's own --cpu flag runs a single process; --multi_gpu launches torchrun, and `--device cpu`
@@ -65,3 +67,31 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1] == done + 2 and epochs == sorted(epochs), epochs
+
+
+def test_gradient_from_sampling_averages_the_step_over_processes(tiny_ddpm, tmp_path):
+    """Under DDP a step taken wholly from the sampling pass has had no backward pass to all-reduce it: the
+    accumulator averages it over the ranks itself, so the weights equal the ordinary two-process run's (AdamW's
+    epsilon of 1 makes the step smooth in the gradient, as in test_onpolicy). Both runs go at once."""
+    from safetensors.torch import load_file
+
+    def launch(on: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "ddpo", "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}",
+                   "--reward", "compressibility", "--set", "model.use_lora=true", "--set", "sample.num_steps=3",
+                   "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set",
+                   "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "train.learning_rate=0.05",
+                   "--set", "train.adam_epsilon=1", "--set", f"train.gradient_from_sampling={on}",
+                   "--epochs", "1", "--logdir", str(tmp_path), "--run-name", on, "--device", "cpu"]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    runs = {on: launch(on) for on in ("false", "true")}
+    for on, process in runs.items():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    weights = {on: load_file(tmp_path / on / "checkpoints" / "epoch_0001" / "weights.safetensors") for on in runs}
+    assert weights["true"].keys() == weights["false"].keys()
+    for name in weights["false"]:
+        assert torch.allclose(weights["true"][name], weights["false"][name], rtol=1e-4, atol=1e-6), name

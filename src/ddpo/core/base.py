@@ -15,6 +15,7 @@ import pydantic
 if TYPE_CHECKING:
     import torch
 
+    from ddpo.core.config import RunConfig
     from ddpo.core.schema import Trajectory
     from ddpo.core.run import Run
 
@@ -109,6 +110,12 @@ class Algorithm(Plugin):
         """Advantages (B,) or (B, T) for this rank's trajectories; the default is DDPO's per-prompt normalisation.
         Whatever computes them, the trainer clips them to +-advantage.clip_max."""
         return run.default_advantages(trajectory)
+
+    def on_policy_samples(self, config: RunConfig) -> int:
+        """How many of each epoch's first samples (per process, in sampling order) the first optimizer step
+        trains at likelihood ratio 1 with the loss -A log p per step, so that `train.gradient_from_sampling`
+        can take their gradient from the sampling pass; 0 (the default): none."""
+        return 0
 
     def offline_trajectories(self, run: Run) -> tuple[Trajectory, torch.Tensor] | None:
         """This epoch's trajectories to train on instead of sampling new ones, with `rewards` set, and their

@@ -77,6 +77,11 @@ class TrainConfig(Section):
     """Gradients are clipped to this norm before each optimizer step."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """The policy's optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."""
+    gradient_from_sampling: bool = False
+    """Take the on-policy samples' gradient (DDPO-IS: the first optimizer step's samples; DDPO-SF: all) from the
+    sampling pass instead of a second forward pass (ddpo.core.onpolicy): the same update, one forward pass per
+    denoising step fewer for those samples. Needs LoRA, timestep_fraction 1 and the sampling precision of
+    training."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass: less memory, about a third more compute."""
     max_skipped_steps: int = pydantic.Field(10, ge=1)
@@ -321,3 +326,27 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
     if samples % per_step:
         raise UsageError(f"samples per epoch per process (sample.batch_size x sample.batches_per_epoch = {samples}) "
                          f"must be a multiple of train.batch_size x train.grad_accum = {per_step}")
+    if config.train.gradient_from_sampling:
+        _check_gradient_from_sampling(config, algorithm)
+
+
+def _check_gradient_from_sampling(config: RunConfig, algorithm) -> None:
+    """What `train.gradient_from_sampling` needs (ddpo.core.onpolicy); LoRA is checked when the model loads."""
+    name = "train.gradient_from_sampling=true"
+    on_policy = algorithm.on_policy_samples(config)
+    if not on_policy:
+        raise UsageError(f"{name}: algorithm '{algorithm.name}' with these options takes no gradient from "
+                         "sampling; valid: ddpo-sf, and ddpo-is with kl_weight=0")
+    if on_policy % config.sample.batch_size:
+        raise UsageError(f"{name}: the {on_policy} on-policy samples of algorithm '{algorithm.name}' (train.batch_size"
+                         f" x train.grad_accum) must fill whole sampling batches of sample.batch_size="
+                         f"{config.sample.batch_size}")
+    if config.train.timestep_fraction != 1:
+        raise UsageError(f"{name} trains every denoising step; set train.timestep_fraction=1 (got "
+                         f"{config.train.timestep_fraction})")
+    if config.mixed_precision == "fp16":
+        raise UsageError(f"{name} does not run with fp16's loss scaling; use mixed_precision=bf16 or no")
+    precision = config.model.options().get("sample_precision", "same")
+    if precision != "same":
+        raise UsageError(f"{name} samples with the training pass's precision; set model.sample_precision=same "
+                         f"(got {precision})")

@@ -71,9 +71,7 @@ class GradientAccumulator:
     def micro_step(self, size: int = 1):
         """One forward+backward standing for `size` micro-steps; gradients sync across processes only when it
         completes an optimizer step. It must not run past one."""
-        if self.count // self.micro_steps != (self.count + size - 1) // self.micro_steps:
-            raise ValueError(f"a pass of {size} micro-steps after {self.count % self.micro_steps} of "
-                             f"{self.micro_steps} runs past the optimizer step")
+        self._check_fits(size)
         self.count += size
         self.size = size
         stepping = self.count % self.micro_steps == 0
@@ -83,18 +81,44 @@ class GradientAccumulator:
                     stack.enter_context(self.accelerator.no_sync(module.module))
             yield
         if stepping:
-            for module in self.modules:
-                norm = self.accelerator.clip_grad_norm_(module.parameters(), module.max_grad_norm)
-                self.grad_norms[module.name] = float(norm) if norm is not None else float("nan")
-            skip = self.guard is not None and self.guard.should_skip(self.losses_finite, list(self.grad_norms.values()))
-            for module in self.modules:
-                if not skip or self.accelerator.scaler is not None:  # a loss scaler skips them itself (and must)
-                    module.optimizer.step()
-                module.optimizer.zero_grad(set_to_none=True)
-            self.losses_finite = True
-            self.optimizer_steps += 1
-            if self.guard is not None:
-                self.guard.check_interrupt()
+            self._step()
+
+    def _check_fits(self, size: int) -> None:
+        if self.count // self.micro_steps != (self.count + size - 1) // self.micro_steps:
+            raise ValueError(f"a pass of {size} micro-steps after {self.count % self.micro_steps} of "
+                             f"{self.micro_steps} runs past the optimizer step")
+
+    def _step(self) -> None:
+        for module in self.modules:
+            norm = self.accelerator.clip_grad_norm_(module.parameters(), module.max_grad_norm)
+            self.grad_norms[module.name] = float(norm) if norm is not None else float("nan")
+        skip = self.guard is not None and self.guard.should_skip(self.losses_finite, list(self.grad_norms.values()))
+        for module in self.modules:
+            if not skip or self.accelerator.scaler is not None:  # a loss scaler skips them itself (and must)
+                module.optimizer.step()
+            module.optimizer.zero_grad(set_to_none=True)
+        self.losses_finite = True
+        self.optimizer_steps += 1
+        if self.guard is not None:
+            self.guard.check_interrupt()
+
+    def add_gradients(self, parameters: list[torch.nn.Parameter], gradients: list[torch.Tensor], size: int) -> None:
+        """Accumulate gradients computed elsewhere as `size` micro-steps: `gradients` are those of the sum of the
+        `size` micro-steps' losses (ddpo.core.onpolicy's, from the sampling pass), scaled like `backward`'s. If
+        they complete an optimizer step, the step is taken, the gradients averaged over processes first (no
+        backward pass did)."""
+        self._check_fits(size)
+        finite = all(bool(torch.isfinite(gradient).all()) for gradient in gradients)
+        self.losses_finite &= finite
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            gradient = gradient.to(parameter.device, parameter.dtype) / self.micro_steps
+            parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
+        self.count += size
+        if self.count % self.micro_steps == 0:
+            if self.accelerator.num_processes > 1:
+                for parameter in parameters:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+            self._step()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.guard is not None:

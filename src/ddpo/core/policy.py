@@ -82,22 +82,55 @@ class EpochStatistics:
         return summary
 
 
-def policy_passes(run, trajectory, accumulator, group_size: int = 1) -> Iterator[tuple[Transitions, bool]]:
+def add_sampled_gradients(run, trajectory, accumulator, statistics: EpochStatistics,
+                          clip_range: float | None) -> int:
+    """With `train.gradient_from_sampling`, accumulate the gradient the sampling pass took for the epoch's first
+    samples (ddpo.core.onpolicy): -A grad log p for each of their trained steps, as the minibatches they make
+    would, with `loss/policy` and the ratio statistics. The loss is PPO's surrogate with `clip_range` (-A at ratio
+    1), or DDPO-SF's -A log p if it is None. Returns how many samples it covered (0 without the option); the
+    training pass leaves them out of its first inner epoch."""
+    sampled = run.sampled_gradients
+    if sampled is None:
+        return 0
+    advantages = trajectory.advantages[:sampled.count]
+    if advantages.ndim != 1:
+        raise ValueError(f"train.gradient_from_sampling weights each sample's gradient by one advantage; got "
+                         f"advantages of shape {tuple(trajectory.advantages.shape)}, expected ({trajectory.batch_size},)")
+    batch_size = run.config.train.batch_size
+    positions = sampled.count // batch_size * trajectory.num_train_steps(1.0)
+    accumulator.add_gradients(sampled.parameters, sampled.combine(-advantages / batch_size), positions)
+    log_probs = trajectory.log_probs[:sampled.count]
+    trained = trajectory.policy_steps[:sampled.count]
+    if clip_range is None:
+        loss = -(advantages[:, None] * log_probs)[trained].mean().item()
+    else:
+        loss = -advantages.mean().item()
+    statistics.add({"loss/policy": loss, "loss/total": loss}, positions)
+    statistics.add_ratio(log_probs[trained], log_probs[trained], clip_range, False, positions)
+    return sampled.count
+
+
+def policy_passes(run, trajectory, accumulator, group_size: int = 1,
+                  sampled: int = 0) -> Iterator[tuple[Transitions, bool]]:
     """The training loop of the step-wise policy algorithms: `train.inner_epochs` passes over the trajectories in
     DDPO's order (`Trajectory.training_transitions`, a generator per inner epoch), `train.steps_per_pass` step
     positions of a minibatch stacked per forward pass, each inside its accumulator micro-step, with the progress
     bar. Yields `(transitions, first_minibatch)`, `first_minibatch` True before the epoch's first optimizer step;
-    the caller computes the loss and calls `accumulator.backward` before asking for the next."""
+    the caller computes the loss and calls `accumulator.backward` before asking for the next. The first inner
+    epoch leaves out the first `sampled` samples, whose gradient `add_sampled_gradients` accumulated."""
     config = run.config.train
     steps_per_sample = trajectory.num_train_steps(config.timestep_fraction)
-    total = config.inner_epochs * (trajectory.batch_size // config.batch_size) * steps_per_sample
+    total = (config.inner_epochs * trajectory.batch_size - sampled) // config.batch_size * steps_per_sample
     with run.progress(total, f"epoch {run.epoch}/{run.config.epochs} training") as bar:
         for inner_epoch in range(config.inner_epochs):
             positions_done = 0
-            for transitions in trajectory.training_transitions(
+            trained = trajectory[sampled:] if inner_epoch == 0 and sampled else trajectory
+            if not trained.batch_size:
+                continue
+            for transitions in trained.training_transitions(
                     config.batch_size, run.generator(f"train-{inner_epoch}"), config.timestep_fraction,
                     group_size=group_size, steps_per_pass=config.steps_per_pass):
-                first_minibatch = inner_epoch == 0 and positions_done < steps_per_sample
+                first_minibatch = inner_epoch == 0 and not sampled and positions_done < steps_per_sample
                 with accumulator.micro_step(transitions.positions):
                     yield transitions, first_minibatch
                 positions_done += transitions.positions

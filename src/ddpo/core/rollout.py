@@ -6,6 +6,7 @@ denoising of batch i+1); `RolloutEngine.timeline` records when each happened so 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,7 @@ from ddpo.core.base import PromptSet, Reward
 from ddpo.core.config import SampleConfig
 from ddpo.core.model import Model
 from ddpo.core.multireward import EXTRAS_PREFIX, MultiReward
+from ddpo.core.onpolicy import SamplingGradients
 from ddpo.core.profiling import PHASES
 from ddpo.core.schema import Trajectory
 
@@ -23,12 +25,15 @@ from ddpo.core.schema import Trajectory
 @torch.no_grad()
 def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_steps: int, eta: float,
                  guidance_scale: float, generator: torch.Generator, group_size: int = 1,
-                 first_group_id: int = 0, initial_noise: torch.Tensor | None = None) -> tuple[Trajectory, torch.Tensor]:
+                 first_group_id: int = 0, initial_noise: torch.Tensor | None = None,
+                 gradients: SamplingGradients | None = None) -> tuple[Trajectory, torch.Tensor]:
     """Sample one batch of trajectories.
 
     Consecutive runs of `group_size` samples share their initial noise x_T (give them the same prompt);
     they differ only by the noise of the stochastic steps. `initial_noise` (B, C, H, W), if given, is x_T
-    instead (then `group_size` only numbers the groups).
+    instead (then `group_size` only numbers the groups). With `gradients` (inside its `batch` context), each
+    step's forward pass keeps its graph and the per-sample gradients of the stochastic steps' log-probs
+    accumulate there (`ddpo.core.onpolicy`); the samples drawn are the same.
 
     Returns:
         The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1].
@@ -43,10 +48,24 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
     states, log_probs, policy_steps = [sample], [], []
     for timestep, prev_timestep in zip(timesteps, prev_timesteps, strict=True):
         step_timesteps = timestep.repeat(batch_size)
-        output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
-        sample, log_prob, _, std = model.step(output, step_timesteps, prev_timestep.repeat(batch_size), sample, eta,
-                                              generator=generator)
-        stochastic = (std > 0).reshape(-1).expand(batch_size)
+        step_prev_timesteps = prev_timestep.repeat(batch_size)
+        if gradients is None:
+            output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
+            sample, log_prob, _, std = model.step(output, step_timesteps, step_prev_timesteps, sample, eta,
+                                                  generator=generator)
+            stochastic = (std > 0).reshape(-1).expand(batch_size)
+        else:
+            with torch.enable_grad():
+                output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
+                next_sample, _, _, std = model.step(output.detach(), step_timesteps, step_prev_timesteps, sample, eta,
+                                                    generator=generator)
+                # the log-prob of the drawn x_{t-1} as training computes it: a function of the output only
+                _, log_prob, _, _ = model.step(output, step_timesteps, step_prev_timesteps, sample, eta,
+                                               prev_sample=next_sample)
+                stochastic = (std > 0).reshape(-1).expand(batch_size)
+                if stochastic.any():
+                    gradients.backward(log_prob[stochastic])
+            sample, log_prob = next_sample, log_prob.detach()
         states.append(sample)
         log_probs.append(torch.where(stochastic, log_prob, torch.zeros_like(log_prob)))
         policy_steps.append(stochastic)
@@ -89,6 +108,9 @@ def _one_intra_op_thread() -> None:
 class RolloutEngine:
     """Samples an epoch's trajectories batch by batch and scores each batch in a worker thread.
 
+    With `gradients` (`train.gradient_from_sampling`), the first `gradient_batches` batches of an epoch also
+    collect their per-sample gradients there, for `gradients.take()`.
+
     Groups (`group_size` k > 1) are the images of one prompt, sampled from one initial noise unless
     `share_group_noise` is False. A group of at most one batch lives in one batch; a larger group (GRPO's
     24 images with batches of 8) spans consecutive batches and processes: then every process draws the epoch's
@@ -97,7 +119,8 @@ class RolloutEngine:
 
     def __init__(self, model: Model, reward: Reward, prompt_set: PromptSet, sample_config: SampleConfig,
                  group_size: int = 1, reward_workers: int = 2, process_index: int = 0, num_processes: int = 1,
-                 share_group_noise: bool = True):
+                 share_group_noise: bool = True, gradients: SamplingGradients | None = None,
+                 gradient_batches: int = 0):
         self.model = model
         self.reward = reward
         self.prompt_set = prompt_set
@@ -107,6 +130,9 @@ class RolloutEngine:
         """Group ids are numbered from this process's block, so they are unique across processes."""
         self.num_processes = num_processes
         self.share_group_noise = share_group_noise
+        self.gradients = gradients
+        self.gradient_batches = gradient_batches
+        """The first batches of an epoch that collect per-sample gradients into `gradients`."""
         if group_size > sample_config.batch_size:
             total = sample_config.batch_size * sample_config.batches_per_epoch * num_processes
             if total % group_size:
@@ -180,10 +206,13 @@ class RolloutEngine:
         batches = self._batches(generator, rng, shared_rng, shared_generator)
         for index, (prompts, metadata, noise, group_ids) in enumerate(batches):
             start = time.perf_counter()
-            with torch.profiler.record_function(PHASES["sampling"]):  # the denoising loop, then decode
+            gradients = self.gradients if index < self.gradient_batches else None
+            with (torch.profiler.record_function(PHASES["sampling"]),  # the denoising loop, then decode
+                  gradients.batch(len(prompts)) if gradients is not None else contextlib.nullcontext()):
                 trajectory, batch_images = sample_batch(
                     self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
-                    guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise)
+                    guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise,
+                    gradients=gradients)
             trajectory.group_ids = group_ids.to(trajectory.latents.device)
             self.timeline.append(("sample", index, start, time.perf_counter()))
             futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))

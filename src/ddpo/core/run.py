@@ -21,6 +21,7 @@ from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.config import RunConfig
 from ddpo.core.guards import RunGuard
 from ddpo.core.model import Model
+from ddpo.core.onpolicy import SampledGradients
 from ddpo.core.optim import POLICY, GradientAccumulator, TrainedModule
 
 
@@ -57,6 +58,9 @@ class Run:
     """Every trained module by name: "policy" (the denoiser) and those the algorithm registered."""
     guard: RunGuard | None = None
     """Ctrl-C and numerical guards shared by the run's gradient accumulators (see guards.py)."""
+    sampled_gradients: SampledGradients | None = None
+    """With `train.gradient_from_sampling`: this epoch's per-sample gradients of the log-probs, taken while
+    sampling, for this process's first samples (`ddpo.core.policy.add_sampled_gradients` uses them)."""
 
     def __post_init__(self) -> None:
         if POLICY not in self.modules:

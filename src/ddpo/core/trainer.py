@@ -30,6 +30,7 @@ from ddpo.core.images import make_grid, save_png
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
+from ddpo.core.onpolicy import SamplingGradients
 from ddpo.core.multireward import combine_epoch_rewards
 from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser
 from ddpo.core.plugins import get_plugin_manager, get_registry
@@ -109,6 +110,9 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     model.autocast = accelerator.autocast
     compile_denoiser(model)
+    gradients = (SamplingGradients(model.unwrapped_denoiser(), model.name,
+                                   no_sync=lambda: accelerator.no_sync(model.denoiser))
+                 if config.train.gradient_from_sampling else None)
 
     tracker = (PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
                if config.advantage.per_prompt_stat_tracking else None)
@@ -135,7 +139,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
 
     engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                           share_group_noise=algorithm.shares_group_noise())
+                           share_group_noise=algorithm.shares_group_noise(), gradients=gradients,
+                           gradient_batches=algorithm.on_policy_samples(config) // config.sample.batch_size)
     profiler = EpochProfiler(run_dir, first_epoch=run.epoch + 1, last_epoch=config.epochs,
                              enabled=profile and accelerator.is_main_process)
     hooks.on_run_start(run=run)
@@ -190,6 +195,7 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
                 progress=InterruptibleProgress(bar, run.guard),
                 shared_rng=random.Random(derive_seed(config.seed, epoch, "group-prompts")),
                 shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")))
+        run.sampled_gradients = engine.gradients.take() if engine.gradients is not None else None
     component_means = combine_epoch_rewards(run, trajectory)  # a multi reward's per-epoch combination, else {}
     hooks.on_rollout_end(run=run, trajectory=trajectory)
 

@@ -14,6 +14,10 @@ trainer, and every denoising step of a trajectory shares its trajectory's advant
 - DDPO-SF, the score-function (REINFORCE) estimator: L = -mean(A log p_theta), on-policy, so there is no
   ratio and one gradient step per round of sampling: the whole epoch's samples make one optimizer step.
 
+Both estimators' first optimizer step is on-policy (ratio 1, where PPO's clip is inactive), so with
+`train.gradient_from_sampling` its gradient comes from the sampling pass (ddpo.core.onpolicy): all of DDPO-SF's,
+the first train.batch_size x train.grad_accum samples of DDPO-IS's.
+
 Log-probabilities are per-element means (DESIGN.md §7), the scale the clip range 1e-4 is calibrated to.
 
 Not in the paper: DDPO-IS takes an optional KL penalty to the pretrained model, DPOK's Gaussian form
@@ -45,14 +49,20 @@ class DDPOImportanceSampling(ddpo.Algorithm):
     def needs_reference(self) -> bool:
         return self.options.kl_weight > 0
 
+    def on_policy_samples(self, config):
+        """The first optimizer step's samples: their ratios are 1, where the clip is inactive (without the KL term)."""
+        return 0 if self.options.kl_weight > 0 else config.train.batch_size * config.train.grad_accum
+
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, policy_passes, reference_step
+        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, gaussian_kl,
+                                      policy_passes, reference_step)
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
         statistics = EpochStatistics()
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator):
+        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, self.options.clip_range)
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, sampled=sampled):
             log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
                                                              config.sample.guidance_scale)
             policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
@@ -76,19 +86,26 @@ class DDPOScoreFunction(ddpo.Algorithm):
 
     name = "ddpo-sf"
 
+    def on_policy_samples(self, config):
+        """All of them: the epoch's one optimizer step comes after the whole epoch's backward passes."""
+        return config.sample.batch_size * config.sample.batches_per_epoch
+
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics
+        from ddpo.core.policy import EpochStatistics, add_sampled_gradients
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         total = (trajectory.batch_size // config.train.batch_size) * steps_per_sample
         accumulator = run.accumulator(total)
         statistics = EpochStatistics()
+        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, None)
+        remaining = trajectory[sampled:]
         with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
+            bar.update(sampled // config.train.batch_size * steps_per_sample)
             positions_done = 0
-            for transitions in trajectory.training_transitions(
+            for transitions in ([] if not remaining.batch_size else remaining.training_transitions(
                     config.train.batch_size, run.generator("train"), config.train.timestep_fraction,
-                    steps_per_pass=config.train.steps_per_pass):
+                    steps_per_pass=config.train.steps_per_pass)):
                 with accumulator.micro_step(transitions.positions):
                     log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                            config.sample.guidance_scale)
