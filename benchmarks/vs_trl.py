@@ -69,7 +69,7 @@ OPTIONS = {
     "compile+channels_last": (["model.compile=true", "model.channels_last=true"], "both"),
     "compile+steps_per_pass=4": (["model.compile=true", "train.steps_per_pass=4"], "both"),
     "compile+steps_per_pass=2": (["model.compile=true", "train.steps_per_pass=2"], "both"),
-    "gradient_from_sampling": (["train.gradient_from_sampling=true"], "first step's gradient while sampling"),
+    "gradient_from_sampling": (["train.gradient_from_sampling=true"], "sampled step"),
     "compile+gradient_from_sampling": (["model.compile=true", "train.gradient_from_sampling=true"], "both"),
 }
 

@@ -30,8 +30,8 @@ from ddpo.core.images import make_grid, save_png
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.logging import RunLogger, truncate_metrics
 from ddpo.core.model import Model
-from ddpo.core.onpolicy import SamplingGradients
 from ddpo.core.multireward import combine_epoch_rewards
+from ddpo.core.onpolicy import SamplingGradients
 from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser
 from ddpo.core.plugins import get_plugin_manager, get_registry
 from ddpo.core.preflight import probe_rewards
@@ -140,7 +140,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
     engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                            share_group_noise=algorithm.shares_group_noise(), gradients=gradients,
-                           gradient_batches=algorithm.on_policy_samples(config) // config.sample.batch_size)
+                           gradient_batches=(algorithm.on_policy_samples(config) // config.sample.batch_size
+                                             if gradients is not None else 0))
     profiler = EpochProfiler(run_dir, first_epoch=run.epoch + 1, last_epoch=config.epochs,
                              enabled=profile and accelerator.is_main_process)
     hooks.on_run_start(run=run)
