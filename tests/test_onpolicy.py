@@ -115,10 +115,11 @@ def test_ddpo_is_trains_the_rest_of_the_epoch_after_the_sampled_step(tmp_path, t
 ])
 def test_what_sampling_gradients_cannot_do_is_a_one_line_usage_error(forked_cli, tmp_path, tiny_ddpm, sets,
                                                                       message):
-    result = forked_cli.run("run", "--model", "ddpm", "--reward", "compressibility", "--set", f"model.pretrained={tiny_ddpm}",
-                            "--set", "model.use_lora=true", "--set", "sample.batch_size=4", "--set",
-                            "sample.batches_per_epoch=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
-                            "--set", "sample.num_steps=2", "--set", "train.gradient_from_sampling=true",
+    settings = [f"model.pretrained={tiny_ddpm}", "model.use_lora=true", "sample.batch_size=4",
+                "sample.batches_per_epoch=1", "train.batch_size=4", "train.grad_accum=1", "sample.num_steps=2",
+                "train.gradient_from_sampling=true"]
+    result = forked_cli.run("run", "--model", "ddpm", "--reward", "compressibility",
+                            *[argument for setting in settings for argument in ("--set", setting)],
                             "--epochs", "1", "--logdir", str(tmp_path), *sets)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

@@ -40,6 +40,17 @@ def reference_step(model, transitions, eta: float, guidance_scale: float) -> tup
     return mean, model_output
 
 
+def kl_to_reference(model, transitions, mean: torch.Tensor, std: torch.Tensor, sample_config,
+                    statistics: EpochStatistics) -> torch.Tensor:
+    """The mean KL (a scalar, with gradient) of the policy's step Gaussians N(mean, std²) to the pretrained
+    model's on the same transitions, logged as `loss/kl` and `policy/kl_to_reference`. `sample_config` gives the
+    run's eta and guidance scale."""
+    reference_mean, _ = reference_step(model, transitions, sample_config.eta, sample_config.guidance_scale)
+    kl = gaussian_kl(mean, reference_mean, std).mean()
+    statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()}, transitions.positions)
+    return kl
+
+
 class EpochStatistics:
     """Per-micro-step scalars of an update, summarised as epoch means, plus the ratio checks."""
 
@@ -94,7 +105,7 @@ def add_sampled_gradients(run, trajectory, accumulator, statistics: EpochStatist
         return 0
     advantages = trajectory.advantages[:sampled.count]
     if advantages.ndim != 1:
-        raise ValueError(f"train.gradient_from_sampling weights each sample's gradient by one advantage; got "
+        raise ValueError("train.gradient_from_sampling weights each sample's gradient by one advantage; got "
                          f"advantages of shape {tuple(trajectory.advantages.shape)}, expected ({trajectory.batch_size},)")
     batch_size = run.config.train.batch_size
     positions = sampled.count // batch_size * trajectory.num_train_steps(1.0)

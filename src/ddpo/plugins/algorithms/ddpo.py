@@ -54,8 +54,8 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         return 0 if self.options.kl_weight > 0 else config.train.batch_size * config.train.grad_accum
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, gaussian_kl,
-                                      policy_passes, reference_step)
+        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, kl_to_reference,
+                                      policy_passes)
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
@@ -69,11 +69,8 @@ class DDPOImportanceSampling(ddpo.Algorithm):
                                                self.options.clip_range)
             loss = policy_loss
             if self.options.kl_weight > 0:
-                reference_mean, _ = reference_step(run.model, transitions, config.sample.eta,
-                                                   config.sample.guidance_scale)
-                kl = gaussian_kl(mean, reference_mean, std).mean()
+                kl = kl_to_reference(run.model, transitions, mean, std, config.sample, statistics)
                 loss = policy_loss + self.options.kl_weight * kl
-                statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()}, transitions.positions)
             accumulator.backward(loss)
             statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
             statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,

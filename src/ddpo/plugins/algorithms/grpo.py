@@ -80,7 +80,7 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, policy_passes, reference_step
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_passes
 
         config, model = run.config, run.model
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
@@ -92,11 +92,8 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
                                                self.options.clip_range)
             loss = policy_loss
             if self.options.kl_beta > 0:
-                reference_mean, _ = reference_step(model, transitions, config.sample.eta, config.sample.guidance_scale)
-                kl = gaussian_kl(mean, reference_mean, std)
-                loss = policy_loss + self.options.kl_beta * kl.mean()
-                statistics.add({"loss/kl": kl.mean().item(), "policy/kl_to_reference": kl.mean().item()},
-                               transitions.positions)
+                kl = kl_to_reference(model, transitions, mean, std, config.sample, statistics)
+                loss = policy_loss + self.options.kl_beta * kl
             accumulator.backward(loss)
             statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
             statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,

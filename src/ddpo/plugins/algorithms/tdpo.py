@@ -117,7 +117,7 @@ class TemporalDPO(ddpo.Algorithm):
 
     def update(self, run, trajectory):
         from ddpo.core.critic import clipped_value_loss
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, gaussian_kl, reference_step
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference
 
         config = run.config
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
@@ -141,11 +141,8 @@ class TemporalDPO(ddpo.Algorithm):
                                                         self.options.value_clip)
                         loss = policy_loss + self.options.value_coef * value_loss
                         if self.options.kl_weight > 0:
-                            reference_mean, _ = reference_step(run.model, transitions, config.sample.eta,
-                                                               config.sample.guidance_scale)
-                            kl = gaussian_kl(mean, reference_mean, std).mean()
+                            kl = kl_to_reference(run.model, transitions, mean, std, config.sample, statistics)
                             loss = loss + self.options.kl_weight * kl
-                            statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()})
                         accumulator.backward(loss)
                     statistics.add({"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
                                     "critic/loss": value_loss.item(), "loss/total": loss.item()})
