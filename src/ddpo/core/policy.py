@@ -105,8 +105,9 @@ def add_sampled_gradients(run, trajectory, accumulator, statistics: EpochStatist
         return 0
     advantages = trajectory.advantages[:sampled.count]
     if advantages.ndim != 1:
+        shape = tuple(trajectory.advantages.shape)
         raise ValueError("train.gradient_from_sampling weights each sample's gradient by one advantage; got "
-                         f"advantages of shape {tuple(trajectory.advantages.shape)}, expected ({trajectory.batch_size},)")
+                         f"advantages of shape {shape}, expected ({trajectory.batch_size},)")
     batch_size = run.config.train.batch_size
     positions = sampled.count // batch_size * trajectory.num_train_steps(1.0)
     accumulator.add_gradients(sampled.parameters, sampled.combine(-advantages / batch_size), positions)
