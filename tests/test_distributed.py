@@ -54,10 +54,10 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0
-    # Both ranks report the stop (their stderr lines can interleave), naming the newest checkpoint.
-    assert stderr.count("ddpo: error: interrupted") == 2, stderr[-3000:]
+    # The main rank reports the stop for both, naming the newest checkpoint and how to go on under the launcher.
+    assert stderr.count("ddpo: error: interrupted") == 1, stderr[-3000:]
     newest = max((run_dir / "checkpoints").iterdir())
-    assert stderr.count(f"{newest}") >= 2, stderr[-3000:]
+    assert f"{newest}" in stderr and "the same launch command and: ddpo run --resume" in stderr, stderr[-3000:]
     assert {path.name for path in newest.iterdir()} == {"weights.safetensors", "optimizer.pt", "algorithm.pt",
                                                         "trainer.json"}
     done = len((run_dir / "metrics.jsonl").read_text().splitlines())

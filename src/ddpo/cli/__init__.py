@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as error:
         _fail(EXIT_USAGE, str(error))
     except RunInterrupted as error:
+        if not error.report:  # another process of the run reports the stop
+            sys.exit(INTERRUPTED_EXIT_CODE)
         _fail(INTERRUPTED_EXIT_CODE, str(error))
     except typer.Abort:
         _fail(130, "aborted")

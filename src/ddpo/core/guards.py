@@ -34,6 +34,11 @@ class RunInterrupted(Exception):
     """The user asked the run to stop (Ctrl-C); raised at the next safe point, after the current optimizer
     step or sampling batch."""
 
+    def __init__(self, *args, report: bool = True):
+        super().__init__(*args)
+        self.report = report
+        """Whether the command prints the message: in a multi-process run only the main process does, for all."""
+
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
@@ -188,24 +193,28 @@ def stop_cleanly(run, error: BaseException) -> BaseException:
     checkpoint (a resume continues with the next epoch). A second Ctrl-C (KeyboardInterrupt) saves nothing."""
     from ddpo.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 
-    resume = f"continue with: ddpo run --resume {run.run_dir}"
+    report = run.accelerator.is_main_process
+    resume = (f"continue with: ddpo run --resume {run.run_dir}" if run.accelerator.num_processes == 1 else
+              f"continue with the same launch command and: ddpo run --resume {run.run_dir}")
     if isinstance(error, RunInterrupted):
         interrupted_epoch = run.epoch
         if error.args and error.args[0] == SAMPLING:
             run.epoch -= 1
             if run.epoch == 0:
-                return RunInterrupted("interrupted while sampling epoch 1; no epoch finished, nothing to resume")
+                return RunInterrupted("interrupted while sampling epoch 1; no epoch finished, nothing to resume",
+                                      report=report)
             path = checkpoint_path(run.run_dir, run.epoch)
             if not path.is_dir():
                 path = save_checkpoint(run)
             return RunInterrupted(f"interrupted while sampling epoch {interrupted_epoch}; checkpoint {path} holds "
-                                  f"the state after epoch {run.epoch}; {resume} (it continues exactly)")
+                                  f"the state after epoch {run.epoch}; {resume} (it continues exactly)", report=report)
         run.guard.stopped_mid_epoch = True
         path = save_checkpoint(run)
         return RunInterrupted(f"interrupted during the update of epoch {interrupted_epoch}; saved the state after "
-                              f"the current optimizer step in {path}; {resume} (from epoch {interrupted_epoch + 1})")
+                              f"the current optimizer step in {path}; {resume} (from epoch {interrupted_epoch + 1})",
+                              report=report)
     if isinstance(error, KeyboardInterrupt):
         saved = list_checkpoints(run.run_dir)
         newest = f"the newest complete checkpoint is {saved[-1]}; {resume}" if saved else "no checkpoint was saved"
-        return RunInterrupted(f"stopped at once during epoch {run.epoch}; {newest}")
+        return RunInterrupted(f"stopped at once during epoch {run.epoch}; {newest}", report=report)
     return error
