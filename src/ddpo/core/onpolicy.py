@@ -10,7 +10,8 @@ the gradient of DDPO's losses over those samples is the score-function gradient
 are known only once the epoch is scored, but the per-sample sums G_i can be formed while sampling: each
 denoising step's forward keeps its graph, and one backward pass through the step's log-probs gives every
 sample's own gradient. The training pass then skips those samples' forward passes, which saves one forward
-per denoising step per on-policy sample (a third of DDPO-SF's compute, a sixth of the benchmark's DDPO-IS).
+per denoising step per on-policy sample (on benchmarks/vs_trl.py's workload, an epoch took 0.83-0.88x as long
+for DDPO-IS, whose first of two optimizer steps is on-policy, and about 0.74x for DDPO-SF, all on-policy).
 
 Per-sample gradients come from ordinary autograd: while a batch samples, each LoRA matrix (a bias-free
 `nn.Linear` of peft's) is swapped for `PerSampleLinear`, which holds one copy of the matrix per sample, so
