@@ -159,11 +159,12 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
 
 
 def test_grpo_learns_a_3_on_digits(forked_cli, tmp_path):
-    # grpo's digits defaults, groups of 8 from one noise. Seed 0 (one thread): 0.08 0.12 0.20 0.19 0.28 0.32 0.31
-    # 0.32 0.41 0.54 0.48 0.65, legibility 0.96-0.99.
-    result = forked_cli.run("run", "--algo", "grpo", "--set", "reward.target=3", "--epochs", "8",
-                            "--logdir", str(tmp_path), "--run-name", "digits")
+    # grpo's digits defaults, groups of 8 from one noise, KL 0.1 to the base model. Seed 0 (one thread): 0.08 0.18
+    # 0.17 0.20 0.19 0.30 0.27 0.38, legibility 0.94-0.99 (seeds 1 and 2 after 10 epochs: 0.66 and 0.25).
+    result = forked_cli.run("run", "--algo", "grpo", "--set", "reward.target=3", "--set", "eval.rewards=[legibility]",
+                            "--epochs", "8", "--logdir", str(tmp_path), "--run-name", "digits")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "digits" / "metrics.jsonl").read_text().splitlines()]
     rewards = [record["reward/mean"] for record in records]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.12, rewards
+    assert min(record["eval/legibility/mean"] for record in records) > 0.85, records
