@@ -66,20 +66,24 @@ def run_config(tmp_path, pipeline, name, algorithm, model="sd14", **overrides):
 
 
 @pytest.mark.parametrize("algorithm,model,compiled", [("ddpo-is", "sd14", False), ("ddpo-sf", "sd14", False),
-                                                    ("ddpo-is", "sd14", True), ("ddpo-is", "sd3", False)])
+                                                    ("ddpo-is", "sd14", True), ("ddpo-is", "sd3", False),
+                                                    ("grpo", "sd3", False)])
 def test_a_step_from_sampling_gradients_equals_the_ordinary_step(tmp_path, tiny_sd, tiny_sd3, algorithm, model,
                                                                    compiled, monkeypatch):
     """Same seed, same samples: the weights after the step and the logged loss and gradient norm agree, on SD's
-    UNet and SD3's transformer (flow matching). With `model.compile` (dynamo on its eager backend, as in
-    test_performance) the swapped LoRA layers compile too."""
+    UNet and SD3's transformer (flow matching), and for GRPO (groups of 2: its advantages are group-relative).
+    With `model.compile` (dynamo on its eager backend, as in test_performance) the swapped LoRA layers compile
+    too."""
     from ddpo.core.trainer import train
 
     pipeline = tiny_sd3 if model == "sd3" else tiny_sd
     if compiled:
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     compile_it = {"model.compile": "true"} if compiled else {}  # the swapped graph compiled, against plain eager
+    groups = {"algorithm.group_size": 2} if algorithm == "grpo" else {}
     runs = {on: train(run_config(tmp_path, pipeline, f"{algorithm}-{on}", algorithm, model,
-                                 **{"train.gradient_from_sampling": on, **(compile_it if on == "true" else {})}))
+                                 **{"train.gradient_from_sampling": on, **groups,
+                                    **(compile_it if on == "true" else {})}))
             for on in ("false", "true")}
     records = {on: json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for on, run in runs.items()}
     assert records["true"]["train/optimizer_steps"] == records["false"]["train/optimizer_steps"] == 1

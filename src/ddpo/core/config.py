@@ -78,8 +78,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """The policy's optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."""
     gradient_from_sampling: bool = False
-    """Take the on-policy samples' gradient (DDPO-IS: the first optimizer step's samples; DDPO-SF: all) from the
-    sampling pass instead of a second forward pass (ddpo.core.onpolicy): the same update, one forward pass per
+    """Take the on-policy samples' gradient (DDPO-IS, GRPO: the first optimizer step's samples; DDPO-SF: all) from
+    the sampling pass instead of a second forward pass (ddpo.core.onpolicy): the same update, one forward pass per
     denoising step fewer for those samples. Needs LoRA, timestep_fraction 1 and the sampling precision of
     training."""
     gradient_checkpointing: bool = False
@@ -336,7 +336,7 @@ def _check_gradient_from_sampling(config: RunConfig, algorithm) -> None:
     on_policy = algorithm.on_policy_samples(config)
     if not on_policy:
         raise UsageError(f"{name}: algorithm '{algorithm.name}' with these options takes no gradient from "
-                         "sampling; valid: ddpo-sf, and ddpo-is with kl_weight=0")
+                         "sampling; valid: ddpo-sf, ddpo-is with kl_weight=0, grpo with kl_beta=0")
     if on_policy % config.sample.batch_size:
         raise UsageError(f"{name}: the {on_policy} on-policy samples of algorithm '{algorithm.name}' (train.batch_size"
                          f" x train.grad_accum) must fill whole sampling batches of sample.batch_size="

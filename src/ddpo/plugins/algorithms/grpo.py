@@ -64,6 +64,10 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
     def needs_reference(self) -> bool:
         return self.options.kl_beta > 0
 
+    def on_policy_samples(self, config):
+        """The first optimizer step's samples: their ratios are 1, where the clip is inactive (without the KL term)."""
+        return 0 if self.options.kl_beta > 0 else config.train.batch_size * config.train.grad_accum
+
     def group_size(self) -> int:
         return self.options.group_size
 
@@ -81,13 +85,15 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_passes
+        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, kl_to_reference,
+                                      policy_passes)
 
         config, model = run.config, run.model
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
         statistics = EpochStatistics()
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator):
+        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, self.options.clip_range)
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, sampled=sampled):
             log_prob, mean, std, _ = model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
             policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
                                                self.options.clip_range)
