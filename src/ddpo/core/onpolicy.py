@@ -58,7 +58,7 @@ class SampledGradients:
 
     @property
     def count(self) -> int:
-        return self.per_sample[0].shape[0] if self.per_sample else 0
+        return self.per_sample[0].shape[0]
 
     def combine(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """sum_i weights[i] G_i per parameter; `weights` (count,)."""

@@ -108,8 +108,7 @@ class GradientAccumulator:
         they complete an optimizer step, the step is taken, the gradients averaged over processes first (no
         backward pass did)."""
         self._check_fits(size)
-        finite = all(bool(torch.isfinite(gradient).all()) for gradient in gradients)
-        self.losses_finite &= finite
+        self.losses_finite &= all(bool(torch.isfinite(gradient).all()) for gradient in gradients)
         for parameter, gradient in zip(parameters, gradients, strict=True):
             gradient = gradient.to(parameter.device, parameter.dtype) / self.micro_steps
             parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
