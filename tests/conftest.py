@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3  # noqa: E402
 from forked_cli import CliServer  # noqa: E402
+from helpers import SHUFFLED_REWARDS_PLUGIN, make_distribution  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +67,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: fl
 
 @pytest.fixture(scope="session")
 def forked_cli(tmp_path_factory):
-    """`forked_cli.run(*args, env=..., cwd=...)`: like `run_cli`, without paying the interpreter's imports."""
-    server = CliServer(tmp_path_factory.mktemp("forked-cli"))
+    """`forked_cli.run(*args, env=..., cwd=...)`: like `run_cli`, without paying the interpreter's imports. The
+    learning tests' control plugin (helpers.SHUFFLED_REWARDS_PLUGIN) is on its path, idle unless a command's
+    environment sets helpers.SHUFFLE_ENV."""
+    plugin = make_distribution(tmp_path_factory.mktemp("shuffled-rewards"), "shuffled_rewards",
+                               SHUFFLED_REWARDS_PLUGIN)
+    server = CliServer(tmp_path_factory.mktemp("forked-cli"), plugin_path=plugin)
     yield server
     server.close()

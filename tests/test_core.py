@@ -3,7 +3,6 @@ transitions that carry every field, groups kept together, trained modules in che
 from any source, and the first-minibatch ratio check."""
 
 import dataclasses
-import json
 import random
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from conftest import run_cli
+from helpers import make_distribution, read_metrics
 from ddpo.core.checkpoint import load_checkpoint, save_checkpoint
 from ddpo.core.config import SampleConfig, resolve_config
 from ddpo.core.policy import clipped_surrogate
@@ -236,29 +236,23 @@ def test_registered_modules_and_their_optimizers_are_checkpointed(tiny_ddpm, tmp
 def hook_plugin(directory):
     """A plugin whose compute_advantages hook returns far too large advantages, and whose on_update_end hook logs
     the largest advantage the update saw (editing the metrics)."""
-    (directory / "big_advantages.py").write_text(
+    return make_distribution(directory, "big_advantages",
         "import torch\nimport ddpo\n\nseen = {}\n\n\n"
         "@ddpo.hookimpl\ndef compute_advantages(run, trajectory):\n"
         "    seen['trajectory'] = trajectory\n"
         "    return torch.full((trajectory.batch_size,), 100.0)\n\n\n"
         "@ddpo.hookimpl\ndef on_update_end(metrics):\n"
         "    metrics['test/max_advantage'] = float(seen['trajectory'].advantages.abs().max())\n")
-    info = directory / "big_advantages-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: big-advantages\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ddpo]\nbig = big_advantages\n")
-    return directory
 
 
 def test_advantages_from_a_hook_are_clipped_and_the_first_ratio_is_exactly_one(tmp_path):
-    (tmp_path / "plugin").mkdir()
     plugin = hook_plugin(tmp_path / "plugin")
     result = run_cli("run", "--epochs", "2", "--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1",
                      "--set", "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "sample.num_steps=4",
                      "--set", "advantage.clip_max=3", "--set", "algorithm.clip_range=1e-4", "--logdir", str(tmp_path), "--run-name", "hooked",
                      env={"PYTHONPATH": str(plugin)})
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "hooked" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "hooked")
     assert [record["test/max_advantage"] for record in records] == [3.0, 3.0]
     for record in records:
         assert record["policy/ratio_dev_first"] <= 1e-6, record  # the policy is the sampling policy until it steps

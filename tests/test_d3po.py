@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from helpers import read_metrics
 from ddpo.cli import main
 from ddpo.core.config import resolve_config
 from ddpo.core.rollout import sample_batch
@@ -25,10 +26,6 @@ def cli(*args):
     with pytest.raises(SystemExit) as stopped:
         main(list(args))
     return stopped.value.code
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # -- the loss ----------------------------------------------------------------------------------------------
@@ -197,6 +194,7 @@ def test_d3po_runs_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
         assert record["train/optimizer_steps"] == 2  # one step per pair, tied or not
 
 
+@pytest.mark.slow
 def test_d3po_learns_to_draw_a_3_on_the_digits_demo(tmp_path):
     # Reward-labelled pairs under d3po's digits defaults. The per-epoch mean of 64 samples is noisy: the untrained
     # model scores 0.05-0.16 on these epochs' noise (0.09 over the last four, 0.10 over the first two). Trained,

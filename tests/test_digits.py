@@ -73,6 +73,7 @@ def short_default_run(cli, tmp_path, target: int, seed: int):
     return result
 
 
+@pytest.mark.slow
 def test_short_default_run_raises_the_target_probability(tmp_path):
     """A target other than 0, which the old recipe collapsed on (seed 0, one thread: 0.14 0.10 0.25 0.28 0.47
     0.49 0.56 0.54, legibility >= 0.97)."""
@@ -87,6 +88,7 @@ def test_short_default_run_raises_the_target_probability(tmp_path):
     assert grid.is_file()
 
 
+@pytest.mark.slow
 def test_short_default_run_learns_another_target_with_another_seed(forked_cli, tmp_path):
     """The recipe was tuned on targets 0, 3 and 7 with seed 0; target 6, seed 1 (one thread: 0.11 0.17 0.16 0.29
     0.37 0.28 0.38 0.56, legibility >= 0.97) is one of the bench's other 27 runs."""

@@ -1,31 +1,27 @@
 """Two CPU processes through `accelerate launch` (gloo): rewards and prompts are gathered, every rank takes part in
 saving (no hang), only the main process writes the logs, and Ctrl-C stops every rank with a checkpoint."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
 
+from helpers import read_metrics, two_process_launch
+
 
 def test_two_process_run_gathers_rewards_and_saves_without_hanging(tiny_ddpm, tmp_path):
-    # accelerate's own --cpu flag runs a single process; --multi_gpu launches torchrun, and `--device cpu`
-    # keeps every process on the CPU.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "ddpo", "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}",
-               "--reward", "compressibility", "--set", "sample.num_steps=4", "--set", "sample.batch_size=4",
-               "--set", "sample.batches_per_epoch=2", "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
-               "--set", "advantage.per_prompt_stat_tracking=true", "--set", "prompts.name=simple_animals",
-               "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+    command = two_process_launch(
+        "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}", "--reward", "compressibility",
+        "--set", "sample.num_steps=4", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=2",
+        "--set", "train.batch_size=4", "--set", "train.grad_accum=2",
+        "--set", "advantage.per_prompt_stat_tracking=true", "--set", "prompts.name=simple_animals", "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     assert [record["reward_queries"] for record in records] == [16, 32]  # 2 processes x 4 x 2 per epoch
     assert all(record["train/optimizer_steps"] == 1 for record in records)
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
@@ -37,16 +33,14 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
     """A terminal Ctrl-C (SIGINT to the launcher's process group) once the run has a checkpoint: the launcher hands
     SIGINT on to both ranks, which stop after the current optimizer step or sampling batch and save, as one
     process does; the same launch with --resume continues. The launcher itself exits with its own error."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ddpo", "run"]
     run_dir = tmp_path / "ddp"
     args = ["--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}", "--reward", "compressibility",
             "--set", "sample.num_steps=4", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=2",
-            "--set", "train.batch_size=4", "--set", "train.grad_accum=2", "--epochs", "200",
-            "--logdir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+            "--set", "train.batch_size=4", "--set", "train.grad_accum=2", "--logdir", str(tmp_path),
+            "--run-name", "ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(launch + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(two_process_launch("run", *args, "--epochs", "200"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + 300
     while not ((run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())):
         assert time.monotonic() < deadline and process.poll() is None, "no checkpoint while the run ran"
@@ -62,10 +56,10 @@ def test_ctrl_c_under_accelerate_launch_stops_every_rank_with_a_checkpoint_and_r
                                                         "trainer.json"}
     done = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
-    resumed = subprocess.run(launch + ["--resume", str(run_dir), "--epochs", str(done + 2)], capture_output=True,
-                             text=True, timeout=600, env=env)
+    resumed = subprocess.run(two_process_launch("run", *args, "--resume", str(run_dir), "--epochs", str(done + 2)),
+                             capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [record["epoch"] for record in read_metrics(run_dir)]
     assert epochs[-1] == done + 2 and epochs == sorted(epochs), epochs
 
 
@@ -76,14 +70,12 @@ def test_gradient_from_sampling_averages_the_step_over_processes(tiny_ddpm, tmp_
     from safetensors.torch import load_file
 
     def launch(on: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "-m", "ddpo", "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}",
-                   "--reward", "compressibility", "--set", "model.use_lora=true", "--set", "sample.num_steps=3",
-                   "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set",
-                   "train.batch_size=4", "--set", "train.grad_accum=1", "--set", "train.learning_rate=0.05",
-                   "--set", "train.adam_epsilon=1", "--set", f"train.gradient_from_sampling={on}",
-                   "--epochs", "1", "--logdir", str(tmp_path), "--run-name", on, "--device", "cpu"]
+        command = two_process_launch(
+            "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}", "--reward", "compressibility",
+            "--set", "model.use_lora=true", "--set", "sample.num_steps=3", "--set", "sample.batch_size=4",
+            "--set", "sample.batches_per_epoch=1", "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
+            "--set", "train.learning_rate=0.05", "--set", "train.adam_epsilon=1",
+            "--set", f"train.gradient_from_sampling={on}", "--epochs", "1", "--logdir", str(tmp_path), "--run-name", on)
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 

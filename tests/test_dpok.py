@@ -1,13 +1,12 @@
 """DPOK: its loss, KL estimates and clamp against float64 hand computations, the KL to the pretrained model at
 initialisation, the value network, and `ddpo run --algo dpok` end to end (tiny SD, digits learning, resume)."""
 
-import json
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from conftest import run_cli
+from helpers import read_metrics
 from ddpo.core.config import resolve_config
 from ddpo.core.critic import StepValueNetwork, prompt_vector
 from ddpo.core.errors import UsageError
@@ -219,10 +218,6 @@ def test_cli_rejects_a_bad_option_with_exit_2(forked_cli):
     assert "algorithm.ratio_clip" in result.stderr and "Traceback" not in result.stderr
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 DPOK_TAGS = ["loss/policy", "loss/kl", "loss/value", "loss/total", "policy/kl_to_reference", "policy/approx_kl",
              "policy/ratio_mean", "policy/clipfrac", "policy/ratio_dev_first"]
 
@@ -247,6 +242,7 @@ def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, forked_cli, tmp_path):
 LEARNING_EPOCHS = 10
 
 
+@pytest.mark.slow
 def test_dpok_learns_target_3_on_digits_and_keeps_them_legible(forked_cli, tmp_path):
     """The digits defaults of `model_run_defaults`: target 3 rises from 0.14 to 0.88 in 10 epochs (the comparison
     sweep's seeds 1 and 2: 0.05 -> 0.90 and 0.09 -> 0.65), and the samples keep reading as digits (legibility)."""

@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from conftest import run_cli
 from ddpo.core.advantages import group_advantages
 from ddpo.core.config import SampleConfig
 from ddpo.core.logprob import flow_sde_step_with_logprob
@@ -158,6 +157,7 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
     assert torch.allclose(loaded, trained, atol=1e-5)  # diffusers' loader reads them as they were trained
 
 
+@pytest.mark.slow
 def test_grpo_learns_a_3_on_digits(forked_cli, tmp_path):
     # grpo's digits defaults, groups of 8 from one noise, KL 0.1 to the base model. Seed 0 (one thread): 0.08 0.18
     # 0.17 0.20 0.19 0.30 0.27 0.38, legibility 0.94-0.99 (seeds 1 and 2 after 10 epochs: 0.66 and 0.25).

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from ddpo.core.config import TrainConfig, resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser

@@ -12,6 +12,7 @@ import pytest
 from ddpo.core.plugins import get_registry
 from ddpo.testing import check_prompt_set, check_reward
 from conftest import run_cli
+from helpers import make_distribution
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "ddpo-reward-brightness"
 
@@ -28,13 +29,8 @@ def installed_example(tmp_path_factory):
 @pytest.fixture(scope="module")
 def broken_plugin(tmp_path_factory):
     """A distribution whose `ddpo` entry point fails to import."""
-    site = tmp_path_factory.mktemp("broken")
-    (site / "broken_plugin_module.py").write_text("raise ImportError('needs a library that is not installed')\n")
-    info = site / "broken_plugin-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ddpo]\nbroken = broken_plugin_module\n")
-    return site
+    return make_distribution(tmp_path_factory.mktemp("broken"), "broken_plugin",
+                             "raise ImportError('needs a library that is not installed')\n")
 
 
 def listing(env):
@@ -90,7 +86,7 @@ def test_pip_installed_plugin_trains_with_its_options(installed_example, tiny_dd
 
 def test_broken_plugin_is_reported_by_name_and_the_others_still_load(broken_plugin, installed_example):
     data, stderr = listing({"PYTHONPATH": f"{broken_plugin}:{installed_example}"})
-    assert "plugin 'broken' failed to load: ImportError: needs a library that is not installed" in stderr
+    assert "plugin 'broken_plugin' failed to load: ImportError: needs a library that is not installed" in stderr
     names = {item["name"] for item in data["rewards"]}
     assert {"brightness", "compressibility"} <= names
 
@@ -137,7 +133,7 @@ def test_importing_ddpo_and_listing_plugins_do_not_import_torch():
 
 
 def test_plugins_can_add_cli_commands(tmp_path):
-    (tmp_path / "hello_command.py").write_text(textwrap.dedent("""
+    make_distribution(tmp_path, "hello_command", textwrap.dedent("""
         import ddpo, typer
 
         @ddpo.hookimpl
@@ -147,10 +143,6 @@ def test_plugins_can_add_cli_commands(tmp_path):
                 \"\"\"Say hello.\"\"\"
                 typer.echo(f"hello {name}")
     """))
-    info = tmp_path / "hello_command-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hello-command\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[ddpo]\nhello = hello_command\n")
     result = run_cli("hello", "--name", "ddpo", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0 and result.stdout.strip() == "hello ddpo", result.stderr
 

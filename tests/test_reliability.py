@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import make_distribution, read_metrics, two_process_launch
 from conftest import run_cli
 from forked_cli import CliServer
 
@@ -155,17 +156,6 @@ def register_rewards(register):
 
 
 
-def make_distribution(directory, module, source):
-    """A plugin distribution on disk (put `directory` on PYTHONPATH), as tests/test_plugins.py makes them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{module}.py").write_text(source)
-    info = directory / f"{module}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[ddpo]\n{module} = {module}\n")
-    return directory
-
-
 @pytest.fixture(scope="module")
 def probe_plugin(tmp_path_factory):
     return make_distribution(tmp_path_factory.mktemp("probe"), "reliability_probe", PROBE)
@@ -187,10 +177,6 @@ def cli_server(probe_plugin, tmp_path_factory):
     server = CliServer(tmp_path_factory.mktemp("jobs"), plugin_path=probe_plugin)
     yield ProbeCli(server)
     server.close()
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def comparable(records):
@@ -421,13 +407,11 @@ def test_save_every_keeps_the_last_epoch_and_updates_clip_and_repeat_as_configur
 
 
 def test_two_process_lora_update_leaves_identical_weights_on_both_ranks(probe_plugin, tiny_ddpm, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "ddpo", "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}",
-               "--set", "model.use_lora=true", "--set", "train.learning_rate=1e-2", "--reward", "compressibility",
-               "--set", "sample.num_steps=4", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
-               "--set", "train.batch_size=2", "--set", "train.grad_accum=2", "--epochs", "1",
-               "--logdir", str(tmp_path), "--run-name", "ddp", "--device", "cpu"]
+    command = two_process_launch(
+        "run", "--model", "ddpm", "--set", f"model.pretrained={tiny_ddpm}", "--set", "model.use_lora=true",
+        "--set", "train.learning_rate=1e-2", "--reward", "compressibility", "--set", "sample.num_steps=4",
+        "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1", "--set", "train.batch_size=2",
+        "--set", "train.grad_accum=2", "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(probe_plugin), "PROBE_SAVE_RANK_WEIGHTS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 import ddpo
-from conftest import run_cli
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.multireward import MultiReward

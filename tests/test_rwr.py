@@ -2,14 +2,13 @@
 the gradient of sum_i w_i l_i taken in one go, runs on tiny SD and the digits demo, and bad options."""
 
 import contextlib
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import read_metrics
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.run import Run
@@ -206,10 +205,6 @@ def test_zero_temperature_exits_2_with_one_line(forked_cli, tmp_path):
 
 # -- runs ------------------------------------------------------------------------------------------------------
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 TINY_SD = ["--model", "sd14", "--reward", "compressibility", "--epochs", "2", "--set", "sample.num_steps=4",
            "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=2", "--set", "train.batch_size=4",
            "--set", "train.grad_accum=1", "--set", "train.inner_epochs=2"]
@@ -235,6 +230,7 @@ def test_run_on_tiny_sd_logs_the_rwr_tags(algorithm, extra, tiny_sd, forked_cli,
             assert np.isfinite(record["train/grad_norm"])
 
 
+@pytest.mark.slow
 def test_rwr_raises_the_probability_of_a_three_on_digits(forked_cli, tmp_path):
     """The digits defaults of `model_run_defaults` with target 3 (target 0 is the easy default). In 10 epochs the
     last two epochs' mean reward rose over the first by 0.53, 0.65 and 0.46 for seeds 0, 1 and 2 (the comparison

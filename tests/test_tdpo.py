@@ -2,20 +2,15 @@
 the chosen neurons, the temporal update order, learning on the digits task, exact resume (critic, its optimizer
 and the reset schedule included), and the headline command on tiny SD with a tiny CLIP."""
 
-import json
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from helpers import read_metrics
 from ddpo.core.critic import TemporalCriticHead, clipped_value_loss, explained_variance
 from ddpo.core.neurons import dormant_masks, hidden_linears, neuron_scores, reset_neurons
 from test_core import full_trajectory
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_critic_head_has_the_papers_shape_and_init():
@@ -108,6 +103,7 @@ TINY = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "
         "--set", "train.batch_size=4", "--set", "train.grad_accum=1"]
 
 
+@pytest.mark.slow
 def test_tdpo_r_learns_a_3_on_digits_and_its_critic_explains_the_reward(forked_cli, tmp_path):
     # digits defaults of tdpo-r (pixel features, KL 0.1). Seed 0: 0.14 0.08 0.16 0.15 0.14 0.29 0.30 0.27 0.36 0.57
     # 0.52 0.64, legibility 0.97-0.99, explained variance up to 0.19 before the reset at epoch 10.

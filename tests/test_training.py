@@ -2,7 +2,6 @@
 extending a finished run, LoRA export loadable by diffusers, and `ddpo sample`. (Exact resume after a crash,
 for every algorithm, is in test_reliability.py.)"""
 
-import json
 
 import pytest
 import torch
@@ -21,10 +20,6 @@ EPOCHS = 6
 DESIGN_TAGS = ["reward/mean", "reward/std", "reward/min", "reward/max", "policy/approx_kl", "policy/clipfrac",
                "policy/ratio_mean", "loss/policy", "loss/total", "perf/epoch_seconds", "perf/samples_per_second",
                "perf/peak_memory_mb"]
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(cli, logdir, name, *args, env=None):
@@ -179,3 +174,4 @@ def test_compare_tabulates_and_plots_runs_on_the_reward_query_axis(is_run, forke
     assert Image.open(chart).format == "PNG"
     missing = forked_cli.run("compare", str(is_run.parent), "--tag", "reward/meen")
     assert missing.returncode == 2 and "tags there:" in missing.stderr and "reward/mean" in missing.stderr
+from helpers import read_metrics

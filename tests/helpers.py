@@ -1,0 +1,82 @@
+"""Helpers the test modules share: reading a run's metrics, plugin distributions on disk, two-process launches on
+a free port, and the learning runs of the slow tier with their shuffled-reward control."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+SHUFFLE_ENV = "DDPO_TEST_SHUFFLE_REWARDS"
+"""Set to 1 in a command's environment to make the `shuffled_rewards` plugin (conftest's `forked_cli` has it on
+its path) permute each epoch's rewards among the samples before advantages are computed."""
+
+SHUFFLED_REWARDS_PLUGIN = f'''
+"""The control of a learning test: the rewards of each epoch permuted among its samples (seeded by run seed and
+epoch), so that the update no longer knows which sample earned which reward. The logged reward statistics keep
+their values (a permutation has the same mean), and an algorithm that learns from its rewards must stop learning."""
+import os
+
+import torch
+
+import ddpo
+
+
+@ddpo.hookimpl
+def on_rollout_end(run, trajectory):
+    if os.environ.get("{SHUFFLE_ENV}") != "1":
+        return
+    generator = torch.Generator().manual_seed(run.config.seed * 1000 + run.epoch)
+    order = torch.randperm(trajectory.batch_size, generator=generator)
+    trajectory.rewards = trajectory.rewards[order.to(trajectory.rewards.device)]
+'''
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_distribution(directory: Path, module: str, source: str) -> Path:
+    """A plugin distribution on disk: `module`.py with `source` and its dist-info naming it in the `ddpo`
+    entry-point group. Put `directory` on PYTHONPATH to install it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{module}.py").write_text(source)
+    info = directory / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[ddpo]\n{module} = {module}\n")
+    return directory
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: each launch gets its own rendezvous port, so launches that run at
+    once (two in one test, or tests on other workers) do not fight over accelerate's default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_process_launch(*ddpo_args: str) -> list[str]:
+    """The command line of `accelerate launch` running `ddpo ARGS` on two CPU processes (gloo) on a free port.
+    accelerate's own --cpu flag starts one process; --multi_gpu starts torchrun, and `--device cpu` keeps every
+    process on the CPU."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "ddpo", *ddpo_args, "--device", "cpu"]
+
+
+def learning_run(cli, tmp_path: Path, algorithm: str, target: int, seed: int, epochs: int, *sets: str,
+                 shuffled: bool = False) -> list[dict]:
+    """`ddpo run --algo ALGORITHM` on the embedded digits task towards `target` with legibility evaluated, through
+    `cli` (conftest's `forked_cli`); with `shuffled`, the control run whose rewards are permuted among the samples.
+    Returns each epoch's metrics."""
+    name = f"{algorithm}-t{target}-s{seed}{'-shuffled' if shuffled else ''}"
+    extra = [argument for assignment in sets for argument in ("--set", assignment)]
+    result = cli.run("run", "--algo", algorithm, "--epochs", str(epochs), "--seed", str(seed),
+                     "--set", f"reward.target={target}", "--set", "eval.rewards=[legibility]", *extra,
+                     "--logdir", str(tmp_path), "--run-name", name, env={SHUFFLE_ENV: "1"} if shuffled else None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(tmp_path / name)
