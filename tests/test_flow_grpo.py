@@ -168,3 +168,166 @@ def test_grpo_learns_a_3_on_digits(forked_cli, tmp_path):
     rewards = [record["reward/mean"] for record in records]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.12, rewards
     assert min(record["eval/legibility/mean"] for record in records) > 0.85, records
+
+
+# -- Flow-GRPO's recipe, item by item, against transcriptions of its formulas ------------------------------------
+
+def trained_sd3(tiny_sd3, seed=0, **options):
+    """The tiny SD3 with LoRA whose adapters are moved off their initial values (B starts at 0), so that the policy
+    differs from the pretrained reference and every LoRA matrix has a gradient."""
+    model = StableDiffusion3({"pretrained": str(tiny_sd3), "lora_rank": 4, **options})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def grpo_run(model, tmp_path, *sets):
+    from accelerate import Accelerator
+
+    from ddpo.core.config import resolve_config
+    from ddpo.core.run import Run
+    from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+
+    config = resolve_config(None, ["sample.batch_size=4", "sample.batches_per_epoch=1", "algorithm.group_size=2",
+                                   *sets], {"model": {"name": model.name}, "algorithm": {"name": "grpo"}})
+    algorithm = GroupRelativePolicyOptimization(config.algorithm.options())
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate)
+    model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
+    return Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=algorithm,
+               prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
+
+
+def flow_grpo_kl(sigma, sigma_next, sigma_max, sample, velocity, reference_velocity, noise_level):
+    """Flow-GRPO's kl_loss of one sample at one step (scripts/train_sd3.py:895 with sd3_sde_with_logprob.py:42-50),
+    in float64: the squared difference of the two SDE means over 2 std_dev_t², std_dev_t the noise level's std
+    (no sqrt(|dt|))."""
+    x, v, v_ref = sample.double(), velocity.double(), reference_velocity.double()
+    dt = sigma_next - sigma
+    std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
+
+    def mean(u):
+        return x * (1 + std_dev_t**2 / (2 * sigma) * dt) + u * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+
+    return float(((mean(v) - mean(v_ref)) ** 2).mean() / (2 * std_dev_t**2))
+
+
+def test_grpo_kl_on_the_flow_sde_is_flow_grpos_kl_loss(tiny_sd3, tmp_path):
+    """The logged loss/kl of an update is the mean of Flow-GRPO's kl_loss over the trained (sample, step) pairs:
+    the first int(4 x 0.99) = 3 steps of each sample, in order. The learning rate is too small to move a float32
+    weight, so every micro-step sees the same policy."""
+    model = trained_sd3(tiny_sd3)
+    run = grpo_run(model, tmp_path, "sample.num_steps=4", "train.batch_size=2", "train.grad_accum=2",
+                   "train.learning_rate=1e-30", "train.timestep_fraction=0.99", "train.timestep_selection=first",
+                   "algorithm.kl_beta=0.04")
+    trajectory, _ = sample_batch(model, ["a cat", "a cat", "a dog", "a dog"], [{}] * 4, num_steps=4, eta=0.7,
+                                 guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+    trajectory.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    sigmas = model.scheduler.sigmas.double()
+    expected = []
+    with torch.no_grad():
+        for step in range(3):
+            transitions = trajectory.transitions(torch.full((4,), step))
+            velocity = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 4.5)
+            with model.reference():
+                reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
+                                                4.5)
+            for sample in range(4):
+                expected.append(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
+                                             transitions.sample[sample], velocity[sample], reference[sample], 0.7))
+
+    metrics = run.algorithm.update(run, trajectory)
+
+    assert min(expected) > 0
+    assert metrics["loss/kl"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize(("name", "detach"), [("sd14", False), ("sd3", True), ("sd3", False)])
+def test_guidance_passes_gradient_through_the_unconditional_branch_only_if_the_model_says(name, detach, tiny_sd,
+                                                                                         tiny_sd3):
+    """d(guided)/dθ = w d(cond)/dθ with the unconditional branch detached (Flow-GRPO, sd3's default), and
+    w d(cond)/dθ − (w − 1) d(uncond)/dθ through both (ddpo-pytorch, SD 1.x's default), each branch's gradient
+    taken from its own unguided forward pass."""
+    from ddpo.plugins.models.sd import StableDiffusion
+
+    if name == "sd3":
+        model = trained_sd3(tiny_sd3, detach_unconditional=detach)
+    else:
+        model = StableDiffusion({"pretrained": str(tiny_sd), "lora_rank": 4})
+        model.load(torch.device("cpu"), torch.float32)
+        model.configure_training()
+        with torch.no_grad():
+            for parameter in model.trainable_parameters():
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    assert model.options.detach_unconditional == detach
+    model.denoiser.double()
+
+    def as_batch(embeds):
+        if isinstance(embeds, dict):
+            return {key: value.double().expand(2, *value.shape[1:]) for key, value in embeds.items()}
+        return embeds.double().expand(2, *embeds.shape[1:])
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, *model.sample_shape(), generator=generator, dtype=torch.float64)
+    timesteps = torch.tensor([700.0, 300.0], dtype=torch.float64) if name == "sd3" else torch.tensor([701, 301])
+    embeds = as_batch(model.encode_prompts(["a cat", "a dog"]))
+    model.negative_embeds = as_batch(model.negative_embeds)
+    negative = model.negative_embeds
+    projection = torch.randn(sample.shape, generator=generator, dtype=torch.float64)
+    parameters = model.trainable_parameters()
+
+    def gradient(prompt_embeds, scale):
+        output = model.predict_noise(sample, timesteps, prompt_embeds, scale)
+        return torch.autograd.grad((output * projection).sum(), parameters)
+
+    weight = 4.5
+    guided, conditional, unconditional = gradient(embeds, weight), gradient(embeds, 1.0), gradient(negative, 1.0)
+    both = [weight * c - (weight - 1) * u for c, u in zip(conditional, unconditional, strict=True)]
+    detached = [weight * c for c in conditional]
+    expected, other = (detached, both) if detach else (both, detached)
+    scale = max(float(hand.abs().max()) for hand in expected)
+    # float64 but for predict_noise's float32 output: agreement to ~1e-7 of the largest entry
+    assert max(float((ours - hand).abs().max()) for ours, hand in zip(guided, expected, strict=True)) <= 1e-6 * scale
+    assert max(float((wrong - hand).abs().max()) for wrong, hand in zip(other, expected, strict=True)) > 1e-2 * scale
+
+
+def test_flow_grpo_groups_by_prompt_with_the_global_std():
+    """Flow-GRPO's PerPromptStatTracker (stat_tracking.py:16-31): every reward of a prompt in the epoch is one group,
+    whichever sampling group it came from; with global_std the std of all rewards."""
+    rewards = np.array([1.0, 3.0, 2.0, 6.0, 0.5, 0.5])
+    prompts = ["cat", "cat", "dog", "cat", "dog", "dog"]
+    advantages, flat = group_advantages(rewards, prompts, global_std=True)
+    cats, dogs = np.mean([1.0, 3.0, 6.0]), np.mean([2.0, 0.5, 0.5])
+    std = np.std(rewards) + 1e-4
+    assert advantages == pytest.approx([(1 - cats) / std, (3 - cats) / std, (2 - dogs) / std, (6 - cats) / std,
+                                        (0.5 - dogs) / std, (0.5 - dogs) / std])
+    assert flat == 0
+
+
+@pytest.mark.parametrize(("advantages", "kept_rows"), [
+    ([0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 2.0, 0.0], 4),  # 3 non-zero, topped up to 4 = 2 minibatches of 2
+    ([0.0] * 8, 2),  # none: one sample per minibatch
+    ([1.0] * 8, 8),  # all
+])
+def test_dropping_zero_advantages_keeps_the_minibatch_count_and_tops_up_evenly(advantages, kept_rows, tiny_ddpm,
+                                                                               tmp_path):
+    """Flow-GRPO (train_sd3.py:796-817): samples whose advantage is 0 are left out, and zero-advantage ones are put
+    back at random until the count divides into the same number of minibatches."""
+    from test_algorithms import make_run
+
+    from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+
+    algorithm = GroupRelativePolicyOptimization({"drop_zero_advantages": True, "group_size": 2})
+    run, trajectory = make_run(tiny_ddpm, algorithm, tmp_path, batch_size=4, grad_accum=1)
+    trajectory.advantages = torch.tensor(advantages)
+    trained, batch_size = algorithm.trained_samples(run, trajectory)
+    assert trained.batch_size == kept_rows and batch_size == kept_rows // 2
+    nonzero = [index for index, value in enumerate(advantages) if value]
+    kept = [int(torch.nonzero((trajectory.latents == row).flatten(1).all(dim=1))) for row in trained.latents]
+    assert set(nonzero) <= set(kept) and len(set(kept)) == kept_rows
+    metrics = algorithm.update(run, trajectory)
+    assert metrics["grpo/trained_samples"] == kept_rows and metrics["train/optimizer_steps"] == 2

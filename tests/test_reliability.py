@@ -35,7 +35,8 @@ EPOCH_1_HOOKS = ["rollout 1", "rewards 1 8", "epoch 1", "checkpoint 1 complete"]
 PROBE = '''
 """Faults on demand, by environment variable (comma-separated epochs): PROBE_KILL_AT (SIGKILL itself after
 sampling), PROBE_KILL_LOGGED_AT (SIGKILL after the epoch was logged, before its checkpoint), PROBE_SIGINT_AT
-(one SIGINT after sampling), PROBE_DOUBLE_SIGINT_AT (two), PROBE_NAN_AT (NaN advantages), PROBE_SPIKE_AT
+(one SIGINT after sampling), PROBE_SIGINT_SAMPLING_AT (one SIGINT while the `interrupting` reward scores the
+epoch's first batch, the next batch sampling), PROBE_DOUBLE_SIGINT_AT (two), PROBE_NAN_AT (NaN advantages), PROBE_SPIKE_AT
 (advantages x 1e4), PROBE_CRASH_AT (raise in on_epoch_end). PROBE_LOG: a file every lifecycle hook appends
 to. PROBE_SAVE_RANK_WEIGHTS: each process saves its trained weights at the end. PROBE_ADVANTAGES: log the
 largest |advantage| the update saw as probe/max_abs_advantage (editing on_update_end's metrics). And three
@@ -56,9 +57,13 @@ def _log(*words):
             stream.write(" ".join(str(word) for word in words) + "\\n")
 
 
+_run = []
+
+
 @ddpo.hookimpl
 def on_run_start(run):
     _log("start", run.epoch)
+    _run[:] = [run]
 
 
 @ddpo.hookimpl
@@ -148,9 +153,26 @@ class Raising(ddpo.Reward):
         raise ValueError("the scorer is not configured")
 
 
+class Interrupting(ddpo.Reward):
+    """Mean brightness; sends its process a SIGINT when it scores the first batch of a PROBE_SIGINT_SAMPLING_AT
+    epoch."""
+    name = "interrupting"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.interrupted = set()
+
+    def __call__(self, images, prompts, metadata):
+        epoch = _run[0].epoch if _run else 0
+        if _at("PROBE_SIGINT_SAMPLING_AT", epoch) and epoch not in self.interrupted:
+            self.interrupted.add(epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return images.mean(dim=(1, 2, 3))
+
+
 @ddpo.hookimpl
 def register_rewards(register):
-    for reward in (WrongShape, NotANumber, Raising):
+    for reward in (WrongShape, NotANumber, Raising, Interrupting):
         register(reward)
 '''
 
@@ -200,7 +222,7 @@ ALGORITHMS = {
     "d3po": [],
     "d3po-labels": [],  # human labels of `ddpo pairs export` pairs (made in the test)
     "tdpo-r": ["--set", "algorithm.critic_features=pixels", "--set", "algorithm.reset_every=2"],
-    "grpo": ["--set", "algorithm.group_size=4"],
+    "grpo": ["--set", "algorithm.group_size=4", "--set", "train.ema_decay=0.5"],  # with the weights' average
 }
 
 
@@ -311,11 +333,34 @@ def test_ctrl_c_during_the_update_stops_after_that_optimizer_step(cli_server, tm
     run_dir = tmp_path / "int"
     state = json.loads((run_dir / "checkpoints" / "epoch_0002" / "trainer.json").read_text())
     assert state["guard"]["stopped_mid_epoch"] and state["epoch"] == 2
-    assert [record["epoch"] for record in read_metrics(run_dir)] == [1]  # epoch 2 did not finish
+    records = read_metrics(run_dir)  # epoch 2's row holds what it did: its rewards and its one optimizer step
+    assert [record["epoch"] for record in records] == [1, 2] and records[1]["train/interrupted"] == 1.0
+    assert records[1]["reward_queries"] == 16 and "train/interrupted" not in records[0]
     assert not weights_equal(run_dir / "checkpoints" / "epoch_0001", run_dir / "checkpoints" / "epoch_0002")
     code, stderr = cli_server.run("run", "--resume", str(run_dir))
     assert code == 0 and "continues with the next epoch" in stderr, stderr[-3000:]
-    assert [record["epoch"] for record in read_metrics(run_dir)] == [1, 3]
+    assert [record["epoch"] for record in read_metrics(run_dir)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("phase", ["sampling", "update"])
+def test_every_epoch_is_logged_exactly_once_whatever_phase_a_ctrl_c_hit(phase, cli_server, tmp_path):
+    """A real SIGINT in epoch 3 of 6 (raised by the process to itself, as a terminal's Ctrl-C arrives), while the
+    second sampling batch samples or just before the update, then --resume: metrics.jsonl holds epochs 1-6 once
+    each, and TensorBoard's reward curve one point per epoch."""
+    signal_at = {"sampling": "PROBE_SIGINT_SAMPLING_AT", "update": "PROBE_SIGINT_AT"}[phase]
+    run_dir = tmp_path / phase
+    code, stderr = cli_server.run("run", *TINY, "--set", "sample.batches_per_epoch=2", "--set", "sample.batch_size=4",
+                                  "--reward", "interrupting", "--epochs", "6", "--logdir", str(tmp_path),
+                                  "--run-name", phase, **{signal_at: "3"})
+    assert code == 130 and f"interrupted {'while sampling' if phase == 'sampling' else 'during the update of'} " \
+        "epoch 3" in stderr, stderr[-3000:]
+    code, stderr = cli_server.run("run", "--resume", str(run_dir))
+    assert code == 0, stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [record["epoch"] for record in records] == [1, 2, 3, 4, 5, 6]
+    assert [record["reward_queries"] for record in records] == [8, 16, 24, 32, 40, 48]
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [event.step for event in events.Scalars("reward/mean")] == [8, 16, 24, 32, 40, 48]
 
 
 def test_second_ctrl_c_stops_at_once_and_keeps_the_newest_checkpoint(cli_server, tmp_path):

@@ -89,3 +89,18 @@ def test_training_transitions_visit_every_sample_at_every_trained_step_once():
     expected = {(float(trajectory.latents[b, s].sum()), int(trajectory.timesteps[b, s]))
                 for b in range(8) for s in range(6)}
     assert len(seen) == 48 and set(seen) == expected
+
+
+def test_first_selection_trains_the_first_steps_in_order_as_flow_grpo():
+    """Flow-GRPO (scripts/train_sd3.py:345, 864): num_train_timesteps = int(num_steps x timestep_fraction) and each
+    minibatch trains steps 0, 1, ..., that number - 1 in order: with 10 steps and 0.99, steps 0-8, never step 9."""
+    trajectory = make_trajectory(batch=8, steps=10)
+    trained = int(10 * 0.99)
+    order = trajectory.shuffled_steps(torch.Generator().manual_seed(0), fraction=0.99, selection="first")
+    assert order.tolist() == [list(range(trained))] * 8
+    visits = []
+    for transitions in trajectory.training_transitions(4, torch.Generator().manual_seed(1), fraction=0.99,
+                                                       selection="first"):
+        assert len(set(transitions.steps.tolist())) == 1  # one step position for the whole minibatch
+        visits.append(int(transitions.steps[0]))
+    assert visits == list(range(trained)) * 2  # two minibatches, each through steps 0..8 in order

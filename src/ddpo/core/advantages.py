@@ -56,16 +56,17 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
 
 
 
-def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, global_std: bool = False,
+def group_advantages(rewards: np.ndarray, group_keys, global_std: bool = False,
                      epsilon: float = 1e-4) -> tuple[np.ndarray, int]:
-    """Group-relative advantages (N,) float64 for rewards (N,) and their group ids (N,), and the number of
-    groups whose rewards are all equal (their advantages are 0: they teach nothing)."""
+    """Group-relative advantages (N,) float64 for rewards (N,) and what makes their groups (N,): group ids, or
+    prompts for Flow-GRPO's per-prompt groups; and the number of groups whose rewards are all equal (their
+    advantages are 0: they teach nothing). With `global_std`, every group divides by the std of all N rewards."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    group_ids = np.asarray(group_ids)
+    group_keys = np.asarray(group_keys)
     advantages = np.empty_like(rewards)
     zero_std_groups = 0
-    for group in np.unique(group_ids):
-        members = group_ids == group
+    for group in np.unique(group_keys):
+        members = group_keys == group
         centred = rewards[members] - rewards[members].mean()
         zero_std_groups += int(np.all(centred == 0))
         std = rewards.std() if global_std else rewards[members].std()

@@ -1,7 +1,9 @@
 """Checkpoints: the full resumable state of a run after an epoch (DESIGN.md §6).
 
     checkpoints/epoch_NNNN/
-      weights.safetensors       the policy's trainable weights (LoRA adapters, or the whole denoiser)
+      weights.safetensors       the policy's trainable weights (LoRA adapters, or the whole denoiser); with
+                                train.ema_decay, their moving average (what `ddpo sample` loads and lora/ holds)
+      training_weights.safetensors  with train.ema_decay, the trained weights themselves, which training resumes
       lora/...                  with LoRA on Stable Diffusion, diffusers' format (load_lora_weights)
       optimizer.pt              the policy optimizer's state
       algorithm.pt              the algorithm's own state (beyond its trained modules)
@@ -27,12 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from ddpo.core.errors import UsageError
 from ddpo.core.layout import CHECKPOINTS, checkpoint_path, list_checkpoints
+from ddpo.core.model import TRAINABLE_WEIGHTS
 from ddpo.core.optim import POLICY
 
 if TYPE_CHECKING:
     from ddpo.core.run import Run
 
 MODULES = "modules"
+TRAINING_WEIGHTS = "training_weights.safetensors"
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -47,7 +51,12 @@ def save_checkpoint(run: Run) -> Path:
         staging = final.with_name(final.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        run.model.save_weights(staging)
+        if run.weight_average is not None:
+            save_file(run.model.trainable_state_dict(), str(staging / TRAINING_WEIGHTS))
+            with run.weight_average.applied():
+                run.model.save_weights(staging)
+        else:
+            run.model.save_weights(staging)
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(algorithm_state, staging / "algorithm.pt")
         if extra_modules:
@@ -57,7 +66,8 @@ def save_checkpoint(run: Run) -> Path:
             torch.save(optimizer, staging / MODULES / f"{name}.optimizer.pt")
         trainer_state = {"epoch": run.epoch, "reward_queries": run.reward_queries,
                          "stat_tracker": run.stat_tracker.state_dict() if run.stat_tracker else None,
-                         "guard": run.guard.state_dict() if run.guard else None}
+                         "guard": run.guard.state_dict() if run.guard else None,
+                         "average_optimizer_steps": run.weight_average.optimizer_steps if run.weight_average else None}
         (staging / "trainer.json").write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -82,7 +92,16 @@ def _prune(run_dir: Path, keep: int) -> None:
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restore the policy, its optimizer, the algorithm, the counters and the reward buffers from `path`."""
     path = Path(path)
-    run.model.load_weights(path)
+    state = json.loads((path / "trainer.json").read_text())
+    trained = path / TRAINING_WEIGHTS
+    if trained.is_file():  # saved with a moving average: weights.safetensors holds the average
+        run.model.load_trainable_state_dict(load_file(str(trained)))
+        average = load_file(str(path / TRAINABLE_WEIGHTS))
+    else:
+        run.model.load_weights(path)
+        average = None
+    if run.weight_average is not None:
+        run.weight_average.load(average, state.get("average_optimizer_steps") or 0)
     run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     run.algorithm.load_state_dict(torch.load(path / "algorithm.pt", map_location="cpu", weights_only=True))
     for name, trained in run.modules.items():
@@ -94,7 +113,6 @@ def load_checkpoint(run: Run, path: Path) -> None:
         run.accelerator.unwrap_model(trained.module).load_state_dict(load_file(str(weights)))
         trained.optimizer.load_state_dict(torch.load(path / MODULES / f"{name}.optimizer.pt", map_location="cpu",
                                                      weights_only=True))
-    state = json.loads((path / "trainer.json").read_text())
     run.epoch, run.reward_queries = state["epoch"], state["reward_queries"]
     if run.stat_tracker is not None and state["stat_tracker"] is not None:
         run.stat_tracker.load_state_dict(state["stat_tracker"])

@@ -67,7 +67,11 @@ class TrainConfig(Section):
     inner_epochs: int = pydantic.Field(1, ge=1)
     """Passes over each epoch's samples."""
     timestep_fraction: float = pydantic.Field(1.0, gt=0, le=1)
-    """Fraction of each trajectory's policy steps trained on (a random subset per sample)."""
+    """Fraction of each trajectory's policy steps trained on: int(steps x fraction) of them, at least one."""
+    timestep_selection: Literal["random", "first"] = "random"
+    """Which of the steps `timestep_fraction` trains, in which order: random, each sample's own random subset in a
+    random order (DDPO); first, the first ones in order, the same for every sample (Flow-GRPO: with 10 steps and
+    0.99, steps 0-8, never the last)."""
     steps_per_pass: int = pydantic.Field(1, ge=1)
     """Trained steps of a minibatch stacked into one forward pass of the denoiser (batch_size x steps_per_pass
     rows). The update is the same (an optimizer step sums a minibatch's steps either way); larger passes run a
@@ -75,6 +79,12 @@ class TrainConfig(Section):
     grpo, d3po); tdpo-r (one step position at a time) and rwr (final samples) do not stack steps."""
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     """Gradients are clipped to this norm before each optimizer step."""
+    ema_decay: float = pydantic.Field(0.0, ge=0, lt=1)
+    """Keep an exponential moving average of the trained weights with this decay (0: none), with Flow-GRPO's
+    warm-up (ddpo.core.ema); checkpoints' weights (and their LoRA export) and the fixed evaluation set
+    (eval.num_steps) use it, training goes on from the trained weights (Flow-GRPO: 0.9 every 8 steps)."""
+    ema_every: int = pydantic.Field(1, ge=1)
+    """Update the moving average after every N-th optimizer step."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """The policy's optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."""
     gradient_from_sampling: bool = False
@@ -336,7 +346,8 @@ def _check_gradient_from_sampling(config: RunConfig, algorithm) -> None:
     on_policy = algorithm.on_policy_samples(config)
     if not on_policy:
         raise UsageError(f"{name}: algorithm '{algorithm.name}' with these options takes no gradient from "
-                         "sampling; valid: ddpo-sf, ddpo-is with kl_weight=0, grpo with kl_beta=0")
+                         "sampling; valid: ddpo-sf, ddpo-is with kl_weight=0, grpo with kl_beta=0 and "
+                         "drop_zero_advantages=false")
     if on_policy % config.sample.batch_size:
         raise UsageError(f"{name}: the {on_policy} on-policy samples of algorithm '{algorithm.name}' (train.batch_size"
                          f" x train.grad_accum) must fill whole sampling batches of sample.batch_size="

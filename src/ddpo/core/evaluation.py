@@ -1,7 +1,7 @@
 """Evaluation during training: cross-reward scores, and a fixed set of images to compare across epochs and runs.
 
-With `eval.num_steps` set, every `eval.every` epochs the trainer samples the same prompts from the same initial
-noise (`sample.batch_size` images per process, seeded by the run seed and the process, not by the epoch), with
+With `eval.num_steps` set, every `eval.every` epochs the trainer samples (with the moving average of the weights,
+if `train.ema_decay` keeps one) the same prompts from the same initial noise (`sample.batch_size` images per process, seeded by the run seed and the process, not by the epoch), with
 `sample.eta` and generators of its own: the training run's random streams are untouched, so its training
 metrics are the same with or without evaluation. The images are scored by the training reward and every eval
 reward; process 0's grid is saved as `eval/epoch_NNNN.png` and logged to TensorBoard as the image `eval/images`.
@@ -32,8 +32,10 @@ def evaluation_samples(run: Run) -> tuple[torch.Tensor, list[str], list[dict]]:
     prompts, metadata = engine.draw_prompts(random.Random(seed))
     engine.close()
     run.model.denoiser.eval()
-    _, images = sample_batch(run.model, prompts, metadata, num_steps=config.eval.num_steps, eta=config.sample.eta,
-                             guidance_scale=config.sample.guidance_scale, generator=torch.Generator().manual_seed(seed))
+    with run.evaluation_weights():
+        _, images = sample_batch(run.model, prompts, metadata, num_steps=config.eval.num_steps,
+                                 eta=config.sample.eta, guidance_scale=config.sample.guidance_scale,
+                                 generator=torch.Generator().manual_seed(seed))
     return images.cpu(), prompts, metadata
 
 

@@ -155,16 +155,18 @@ class Model(Plugin):
                                            transitions.sample, eta, prev_sample=transitions.next_sample)
         return log_prob, mean, std, output
 
-    def denoising_loss(self, original: torch.Tensor, prompt_embeds, generator: torch.Generator) -> torch.Tensor:
+    def denoising_loss(self, original: torch.Tensor, prompt_embeds, generator: torch.Generator,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
         """The model's own training loss on clean states x_0 (B, C, H, W): fresh noise and a uniform time per
         sample, the target as the sampler says (epsilon, v or x_0 by the scheduler's `prediction_type`; the
-        velocity for flow matching), no guidance. Returns (B,) float32, the per-sample mean squared error."""
+        velocity for flow matching), the prediction guided with `guidance_scale` (1: none). Returns (B,) float32,
+        the per-sample mean squared error."""
         import torch
 
         original = original.to(torch.float32)
         noise = torch.randn(original.shape, generator=generator, dtype=torch.float32).to(original.device)
         noisy, timesteps, target = self.sampler.denoising_target(original, noise, generator)
-        output = self.predict_noise(noisy, timesteps, prompt_embeds, guidance_scale=1.0)
+        output = self.predict_noise(noisy, timesteps, prompt_embeds, guidance_scale=guidance_scale)
         return ((output - target) ** 2).mean(dim=tuple(range(1, output.ndim)))
 
     # -- the reference policy (the pretrained model) --------------------------------------------------
@@ -258,17 +260,20 @@ class Model(Plugin):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for parameter in self.denoiser.parameters() if parameter.requires_grad]
 
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the trainable weights, named without wrapper prefixes."""
+        return [(name, parameter) for name, parameter in self.unwrapped_denoiser().named_parameters()
+                if parameter.requires_grad]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights by parameter name, detached, contiguous, on the CPU."""
-        return {name: parameter.detach().to("cpu").contiguous()
-                for name, parameter in self.unwrapped_denoiser().named_parameters() if parameter.requires_grad}
+        return {name: parameter.detach().to("cpu").contiguous() for name, parameter in self.trainable_named_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy trained weights in; the names must be exactly the trainable parameters."""
         import torch
 
-        parameters = {name: parameter for name, parameter in self.unwrapped_denoiser().named_parameters()
-                      if parameter.requires_grad}
+        parameters = dict(self.trainable_named_parameters())
         if set(parameters) != set(state):
             missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
             raise UsageError(f"checkpoint weights do not match model '{self.name}' with "
@@ -293,6 +298,17 @@ class Model(Plugin):
             raise UsageError(f"no trained weights at {path}; give a checkpoint directory "
                              "like RUN/checkpoints/epoch_0003")
         self.load_trainable_state_dict(load_file(str(path)))
+
+
+def classifier_free_guidance(output: torch.Tensor, guidance_scale: float,
+                             detach_unconditional: bool) -> torch.Tensor:
+    """u + w (c − u) from a batched output (2B, ...) whose first half is unconditional (u) and second conditional
+    (c). With `detach_unconditional` (Flow-GRPO, train_sd3.py:190) u passes no gradient, so the guided output's
+    gradient is w ∇c instead of w ∇c − (w − 1) ∇u; the value is the same."""
+    unconditional, conditional = output.chunk(2)
+    if detach_unconditional:
+        unconditional = unconditional.detach()
+    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 def load_pretrained(pipeline_class: str, pretrained: str, **kwargs):

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 if TYPE_CHECKING:
+    from ddpo.core.ema import WeightAverage
     from ddpo.core.guards import RunGuard
 
 POLICY = "policy"
@@ -31,6 +32,8 @@ class TrainedModule:
     module: torch.nn.Module
     optimizer: Any
     max_grad_norm: float
+    average: WeightAverage | None = None
+    """A moving average of the module's weights, told of every optimizer step (the policy's, with train.ema_decay)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for parameter in self.module.parameters() if parameter.requires_grad]
@@ -97,6 +100,8 @@ class GradientAccumulator:
             if not skip or self.accelerator.scaler is not None:  # a loss scaler skips them itself (and must)
                 module.optimizer.step()
             module.optimizer.zero_grad(set_to_none=True)
+            if module.average is not None:
+                module.average.after_optimizer_step()
         self.losses_finite = True
         self.optimizer_steps += 1
         if self.guard is not None:

@@ -41,12 +41,20 @@ def reference_step(model, transitions, eta: float, guidance_scale: float) -> tup
 
 
 def kl_to_reference(model, transitions, mean: torch.Tensor, std: torch.Tensor, sample_config,
-                    statistics: EpochStatistics) -> torch.Tensor:
+                    statistics: EpochStatistics, units: str = "step") -> torch.Tensor:
     """The mean KL (a scalar, with gradient) of the policy's step Gaussians N(mean, std²) to the pretrained
     model's on the same transitions, logged as `loss/kl` and `policy/kl_to_reference`. `sample_config` gives the
-    run's eta and guidance scale."""
+    run's eta and guidance scale.
+
+    `units` "step": the exact Gaussian KL per element, mean((μ − μ_ref)²) / (2 std²) with std the step's whole
+    standard deviation (DPOK's closed form). "noise-level": Flow-GRPO's (train_sd3.py:895), the same squared mean
+    difference over 2 σ², σ the noise level's std without the step's sqrt(|dt|): the exact KL times |dt|
+    (`Sampler.step_duration`), equal to it on DDIM and DDPM, whose steps have no dt."""
     reference_mean, _ = reference_step(model, transitions, sample_config.eta, sample_config.guidance_scale)
-    kl = gaussian_kl(mean, reference_mean, std).mean()
+    kl = gaussian_kl(mean, reference_mean, std)
+    if units == "noise-level":
+        kl = kl * model.sampler.step_duration(transitions.timesteps, transitions.prev_timesteps).flatten()
+    kl = kl.mean()
     statistics.add({"loss/kl": kl.item(), "policy/kl_to_reference": kl.item()}, transitions.positions)
     return kl
 
@@ -122,17 +130,19 @@ def add_sampled_gradients(run, trajectory, accumulator, statistics: EpochStatist
     return sampled.count
 
 
-def policy_passes(run, trajectory, accumulator, group_size: int = 1,
-                  sampled: int = 0) -> Iterator[tuple[Transitions, bool]]:
+def policy_passes(run, trajectory, accumulator, group_size: int = 1, sampled: int = 0,
+                  batch_size: int | None = None) -> Iterator[tuple[Transitions, bool]]:
     """The training loop of the step-wise policy algorithms: `train.inner_epochs` passes over the trajectories in
-    DDPO's order (`Trajectory.training_transitions`, a generator per inner epoch), `train.steps_per_pass` step
-    positions of a minibatch stacked per forward pass, each inside its accumulator micro-step, with the progress
-    bar. Yields `(transitions, first_minibatch)`, `first_minibatch` True before the epoch's first optimizer step;
-    the caller computes the loss and calls `accumulator.backward` before asking for the next. The first inner
-    epoch leaves out the first `sampled` samples, whose gradient `add_sampled_gradients` accumulated."""
+    DDPO's order (`Trajectory.training_transitions`, a generator per inner epoch), minibatches of `batch_size`
+    (default `train.batch_size`), `train.steps_per_pass` step positions of a minibatch stacked per forward pass,
+    each inside its accumulator micro-step, with the progress bar. Yields `(transitions, first_minibatch)`,
+    `first_minibatch` True before the epoch's first optimizer step; the caller computes the loss and calls
+    `accumulator.backward` before asking for the next. The first inner epoch leaves out the first `sampled`
+    samples, whose gradient `add_sampled_gradients` accumulated."""
     config = run.config.train
+    batch_size = batch_size or config.batch_size
     steps_per_sample = trajectory.num_train_steps(config.timestep_fraction)
-    total = (config.inner_epochs * trajectory.batch_size - sampled) // config.batch_size * steps_per_sample
+    total = (config.inner_epochs * trajectory.batch_size - sampled) // batch_size * steps_per_sample
     with run.progress(total, f"epoch {run.epoch}/{run.config.epochs} training") as bar:
         for inner_epoch in range(config.inner_epochs):
             positions_done = 0
@@ -140,8 +150,8 @@ def policy_passes(run, trajectory, accumulator, group_size: int = 1,
             if not trained.batch_size:
                 continue
             for transitions in trained.training_transitions(
-                    config.batch_size, run.generator(f"train-{inner_epoch}"), config.timestep_fraction,
-                    group_size=group_size, steps_per_pass=config.steps_per_pass):
+                    batch_size, run.generator(f"train-{inner_epoch}"), config.timestep_fraction,
+                    group_size=group_size, steps_per_pass=config.steps_per_pass, selection=config.timestep_selection):
                 first_minibatch = inner_epoch == 0 and not sampled and positions_done < steps_per_sample
                 with accumulator.micro_step(transitions.positions):
                     yield transitions, first_minibatch

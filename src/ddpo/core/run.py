@@ -7,6 +7,7 @@ importing the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
 from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.config import RunConfig
+from ddpo.core.ema import WeightAverage
 from ddpo.core.guards import RunGuard
 from ddpo.core.model import Model
 from ddpo.core.onpolicy import SampledGradients
@@ -61,11 +63,17 @@ class Run:
     sampled_gradients: SampledGradients | None = None
     """With `train.gradient_from_sampling`: this epoch's per-sample gradients of the log-probs, taken while
     sampling, for this process's first samples (`ddpo.core.policy.add_sampled_gradients` uses them)."""
+    weight_average: WeightAverage | None = None
+    """With `train.ema_decay`: the moving average of the policy's trained weights (ddpo.core.ema)."""
 
     def __post_init__(self) -> None:
         if POLICY not in self.modules:
             self.modules[POLICY] = TrainedModule(POLICY, self.model.denoiser, self.optimizer,
-                                                 self.config.train.max_grad_norm)
+                                                 self.config.train.max_grad_norm, self.weight_average)
+
+    def evaluation_weights(self):
+        """Context in which the policy holds the weights to evaluate: the moving average if there is one."""
+        return self.weight_average.applied() if self.weight_average is not None else contextlib.nullcontext()
 
     @property
     def is_main(self) -> bool:

@@ -48,6 +48,11 @@ class Sampler:
         steps with std 0 are deterministic (log_prob NaN) and never trained on."""
         raise NotImplementedError
 
+    def step_duration(self, timesteps: torch.Tensor, prev_timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, 1) the factor by which each step's variance exceeds its noise level's: 1 for DDIM and DDPM,
+        whose std is the step's own; |dt| for the flow SDE, whose step std is its noise level's times sqrt(|dt|)."""
+        return torch.ones(timesteps.shape[0], 1, 1, 1, device=timesteps.device)
+
     def denoising_target(self, original: torch.Tensor, noise: torch.Tensor,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For the model's own training loss on clean states x_0: `(noisy, timesteps, target)`, a uniformly
@@ -108,6 +113,10 @@ class FlowSDESampler(Sampler):
     def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
         return flow_sde_step_with_logprob(self.scheduler, model_output, timesteps, sample, noise_level=eta,
                                           prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
+
+    def step_duration(self, timesteps, prev_timesteps):
+        scale = self.scheduler.config.num_train_timesteps
+        return ((timesteps.float() - prev_timesteps.float()) / scale).abs().reshape(-1, 1, 1, 1)
 
     def denoising_target(self, original, noise, generator):
         """Flow matching: x_σ = (1 − σ) x_0 + σ noise with σ uniform, target velocity noise − x_0."""

@@ -174,14 +174,18 @@ class Trajectory:
         """How many steps per sample are trained on: int(policy steps x fraction), at least one."""
         return max(1, int(int(self.policy_steps[0].sum()) * fraction))
 
-    def shuffled_steps(self, generator: torch.Generator, fraction: float = 1.0, group_size: int = 1) -> torch.Tensor:
-        """(B, n) step indices to train on: each sample's policy steps in its own random order, the first
-        `n = int(num_policy_steps * fraction)` of them (at least one). With `group_size` k > 1, the k consecutive
-        members of a group share one order."""
+    def shuffled_steps(self, generator: torch.Generator, fraction: float = 1.0, group_size: int = 1,
+                       selection: str = "random") -> torch.Tensor:
+        """(B, n) step indices to train on, `n = int(num_policy_steps * fraction)` (at least one) per sample.
+        `selection` "random" (DDPO): each sample's policy steps in its own random order, the first n of them; with
+        `group_size` k > 1, the k consecutive members of a group share one order. "first" (Flow-GRPO): the first n
+        policy steps in order, for every sample (the generator is not drawn from)."""
         if not bool((self.policy_steps == self.policy_steps[0]).all()):
             raise ValueError("all trajectories of a batch must share their policy steps")
         policy = self.policy_steps[0].nonzero().flatten().cpu()
         count = self.num_train_steps(fraction)
+        if selection == "first":
+            return policy[:count].expand(self.batch_size, count).to(self.timesteps.device)
         orders = [policy[torch.randperm(len(policy), generator=generator)[:count]]
                   for _ in range(self.batch_size // group_size)]
         return torch.stack(orders).repeat_interleave(group_size, dim=0).to(self.timesteps.device)
@@ -195,11 +199,11 @@ class Trajectory:
         return (groups[:, None] * group_size + torch.arange(group_size)).flatten()
 
     def training_transitions(self, batch_size: int, generator: torch.Generator, fraction: float = 1.0,
-                             group_size: int = 1, steps_outer: bool = False,
-                             steps_per_pass: int = 1) -> Iterator[Transitions]:
-        """DDPO's training order: shuffle the samples, draw each sample's steps in its own random order
-        (`shuffled_steps`), then for each minibatch of `batch_size`, yield its transitions step position by
-        step position. Yields (B / batch_size) x n transitions of `batch_size` samples.
+                             group_size: int = 1, steps_outer: bool = False, steps_per_pass: int = 1,
+                             selection: str = "random") -> Iterator[Transitions]:
+        """DDPO's training order: shuffle the samples, draw each sample's steps (`shuffled_steps` with `selection`:
+        in its own random order, or the first ones in order), then for each minibatch of `batch_size`, yield its
+        transitions step position by step position. Yields (B / batch_size) x n transitions of `batch_size` samples.
 
         With `steps_per_pass` P > 1, P consecutive step positions of a minibatch come stacked in one
         `Transitions` of P x `batch_size` rows (position-major, `positions` = P; the minibatch's last one may hold
@@ -212,7 +216,7 @@ class Trajectory:
         if batch_size % group_size:
             raise ValueError(f"train batch size {batch_size} must be a multiple of the group size {group_size}")
         shuffled = self[self.group_order(generator, group_size)]
-        steps = shuffled.shuffled_steps(generator, fraction, group_size)
+        steps = shuffled.shuffled_steps(generator, fraction, group_size, selection)
         pairs = list(zip(shuffled.minibatches(batch_size), steps.split(batch_size), strict=True))
         if steps_outer:
             for position in range(steps.shape[1]):

@@ -23,9 +23,10 @@ from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo.core.config import RunConfig, eval_label
 from ddpo.core.console import report_epoch
+from ddpo.core.ema import WeightAverage
 from ddpo.core.errors import UsageError
 from ddpo.core.evaluation import evaluate, evaluate_fixed_set
-from ddpo.core.guards import InterruptibleProgress, RunGuard, stop_cleanly
+from ddpo.core.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
 from ddpo.core.images import make_grid, save_png
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.logging import RunLogger, truncate_metrics
@@ -116,9 +117,11 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
 
     tracker = (PerPromptStatTracker(config.advantage.buffer_size, config.advantage.min_count)
                if config.advantage.per_prompt_stat_tracking else None)
+    average = (WeightAverage(dict(model.trainable_named_parameters()), config.train.ema_decay,
+                             config.train.ema_every) if config.train.ema_decay > 0 else None)
     run = Run(config=config, accelerator=accelerator, model=model, reward=reward, algorithm=algorithm,
               prompt_set=prompt_set, run_dir=run_dir, optimizer=optimizer, stat_tracker=tracker,
-              eval_rewards=eval_rewards)
+              eval_rewards=eval_rewards, weight_average=average)
     run.guard = RunGuard(accelerator, config.train)
     if algorithm.needs_reference:
         model.prepare_reference()
@@ -214,27 +217,41 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
 
     run.model.denoiser.train()
     run.guard.start_epoch()
-    with torch.profiler.record_function(PHASES["training"]):
-        metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}
-    hooks.on_update_end(run=run, metrics=metrics)
-
     rewards = run.gathered_rewards
     scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
-               "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **metrics}
+               "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means}
+    try:
+        with torch.profiler.record_function(PHASES["training"]):
+            metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}
+    except RunInterrupted:
+        # Ctrl-C stopped the update after an optimizer step, and the epoch's checkpoint will hold that state: a
+        # resume goes on with the next epoch, so this one's row is written now, with what the epoch has.
+        _log_epoch(run, logger, {**scalars, **run.guard.epoch_metrics(), "train/interrupted": 1.0}, started, images)
+        raise
+    hooks.on_update_end(run=run, metrics=metrics)
+    scalars.update(metrics)
+
     if epoch % config.eval.every == 0:
         if config.eval.num_steps is not None:
             scalars.update(evaluate_fixed_set(run, logger.writer if logger is not None else None))
         elif run.eval_rewards:
             scalars.update(evaluate(run, images, trajectory.prompts, trajectory.prompt_metadata))
+    return _log_epoch(run, logger, scalars, started, images)
+
+
+def _log_epoch(run: Run, logger: RunLogger | None, scalars: dict, started: float,
+               images: torch.Tensor) -> tuple[dict, Path | None]:
+    """Add the epoch's performance figures to its scalars and log them with its image grid (main process); returns
+    the record and the grid's path."""
+    rewards = run.gathered_rewards
     seconds = time.perf_counter() - started
     scalars.update({"perf/epoch_seconds": seconds, "perf/samples_per_second": len(rewards) / seconds,
-                    "perf/peak_memory_mb": _peak_memory_mb(accelerator.device)})
+                    "perf/peak_memory_mb": _peak_memory_mb(run.accelerator.device)})
     scalars = {tag: float(value) for tag, value in scalars.items()}
 
-    record, grid_path = {"epoch": epoch, "reward_queries": run.reward_queries, **scalars}, None
+    record, grid_path = {"epoch": run.epoch, "reward_queries": run.reward_queries, **scalars}, None
     if logger is not None:
         grid = make_grid(images[:GRID_IMAGES])
-        grid_path = save_png(grid, run.run_dir / "samples" / f"epoch_{epoch:04d}.png")
-        record = logger.log_epoch(epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid)
+        grid_path = save_png(grid, run.run_dir / "samples" / f"epoch_{run.epoch:04d}.png")
+        record = logger.log_epoch(run.epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid)
     return record, grid_path
-

@@ -42,8 +42,9 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         clip_range: float = pydantic.Field(1e-4, gt=0)
         """PPO clip range epsilon on the per-step likelihood ratio (paper: 1e-4)."""
         kl_weight: float = pydantic.Field(0.0, ge=0)
-        """Weight beta of the KL to the pretrained model on each step's Gaussian (DPOK's term, not in DDPO; 0 skips
-        the reference pass)."""
+        """Weight beta of the KL to the pretrained model (not in DDPO; 0 skips the reference pass): the exact
+        Gaussian KL of each trained step, mean over elements of (mu - mu_ref)^2 / (2 sigma^2) with sigma the step's
+        whole std (DPOK's closed form, not its default eps-MSE)."""
 
     @property
     def needs_reference(self) -> bool:
@@ -102,7 +103,7 @@ class DDPOScoreFunction(ddpo.Algorithm):
             positions_done = 0
             for transitions in ([] if not remaining.batch_size else remaining.training_transitions(
                     config.train.batch_size, run.generator("train"), config.train.timestep_fraction,
-                    steps_per_pass=config.train.steps_per_pass)):
+                    steps_per_pass=config.train.steps_per_pass, selection=config.train.timestep_selection)):
                 with accumulator.micro_step(transitions.positions):
                     log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                            config.sample.guidance_scale)

@@ -8,20 +8,30 @@ draws each member's noise), and the group is its own baseline: no running statis
                                                               configs use it)
     ρ   = exp(log p_θ(x_{t−1} | x_t, c) − log p_old(x_{t−1} | x_t, c))
     L   = mean(max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))) + β KL,   ε = 1e-4, A clipped to ±5 (advantage.clip_max)
-    KL  = mean over elements of (μ_θ − μ_ref)² / (2 σ_step²),  μ_ref the step mean with the adapters off
+    KL  = mean over elements of (μ_θ − μ_ref)² / (2 σ²),      μ_ref the step mean with the adapters off
 
-σ_step is the step's whole standard deviation, so KL is the Gaussian KL per element exactly; Flow-GRPO's code
-divides by the noise level's σ² without the step's |dt|, so its β (0.04 for GenEval and OCR, 0.01 for
-PickScore) corresponds to a β here larger by 1/|dt|. A group whose rewards are all equal has zero advantages
-and teaches nothing; `grpo/zero_std_groups` counts them (a reward that saturates shows here first).
+β (`kl_beta`) is Flow-GRPO's, in its units (scripts/train_sd3.py:895): on the flow SDE, σ is the noise level's
+std η sqrt(s / (1 − s)) at the step's sigma s, without the step's sqrt(|dt|), so KL is the exact per-element
+Gaussian KL times |dt|, and the paper's β are typed as they are: 0.04 for GenEval and OCR, 0.01 for PickScore.
+DDIM and DDPM steps have no dt: there σ is the step's own std and KL is the exact per-element Gaussian KL.
+
+Groups are the images sampled together (`group_by: group`, DanceGRPO), or every image of the epoch with the same
+prompt (`group_by: prompt`, Flow-GRPO's PerPromptStatTracker keyed by the prompt string, flow_grpo/stat_tracking.py:
+16-31: a prompt drawn for two groups is one group). A group whose rewards are all equal has zero advantages and
+teaches nothing; `grpo/zero_std_groups` counts them (a reward that saturates shows here first). Flow-GRPO leaves
+such samples out of training (`drop_zero_advantages`, train_sd3.py:796-817): the minibatches keep their number and
+shrink, and zero-advantage samples are put back at random where needed to fill them evenly (at least one each).
 
 It works with every sampler: the flow-matching SDE on `sd3` (Flow-GRPO: group 24, 48 groups per epoch, 10
-training steps, noise level 0.7, lr 3e-4, LoRA r32/α64) and DDIM on `sd14` or `digits` (DanceGRPO's SD 1.4
-setting: group 16, 50 steps, eta 1, lr 1e-5). Groups larger than a sampling batch span batches and processes;
-the advantages are computed from all processes' rewards.
+training steps of which the first 9 are trained in order, noise level 0.7, lr 3e-4, LoRA r32/α64, an EMA of the
+weights; `--preset flow-grpo-sd35`) and DDIM on `sd14` or `digits` (DanceGRPO's SD 1.4 setting: group 16, 50
+steps, eta 1, lr 1e-5). Groups larger than a sampling batch span batches and processes; the advantages are
+computed from all processes' rewards.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import pydantic
 
@@ -54,7 +64,14 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         clip_range: float = pydantic.Field(1e-4, gt=0)
         """PPO clip range on the per-step ratio (both papers: 1e-4)."""
         kl_beta: float = pydantic.Field(0.0, ge=0)
-        """Weight of the KL to the pretrained model on step means; 0 skips the reference pass (DanceGRPO)."""
+        """Flow-GRPO's beta: the weight of the KL to the pretrained model in its units (see the module docstring;
+        paper: 0.04 GenEval/OCR, 0.01 PickScore); 0 skips the reference pass (DanceGRPO)."""
+        group_by: Literal["group", "prompt"] = "group"
+        """What a group is: the images sampled together (DanceGRPO), or all the epoch's images of one prompt string
+        (Flow-GRPO)."""
+        drop_zero_advantages: bool = False
+        """Leave samples whose advantage is 0 out of training (Flow-GRPO); the minibatches shrink, their number
+        stays."""
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -65,8 +82,11 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return self.options.kl_beta > 0
 
     def on_policy_samples(self, config):
-        """The first optimizer step's samples: their ratios are 1, where the clip is inactive (without the KL term)."""
-        return 0 if self.options.kl_beta > 0 else config.train.batch_size * config.train.grad_accum
+        """The first optimizer step's samples: their ratios are 1, where the clip is inactive (without the KL term,
+        and with every sample trained)."""
+        if self.options.kl_beta > 0 or self.options.drop_zero_advantages:
+            return 0
+        return config.train.batch_size * config.train.grad_accum
 
     def group_size(self) -> int:
         return self.options.group_size
@@ -79,10 +99,32 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
 
         from ddpo.core.advantages import group_advantages
 
-        group_ids = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu()
-        advantages, self.zero_std_groups = group_advantages(run.gathered_rewards.numpy(), group_ids.numpy(),
+        if self.options.group_by == "prompt":
+            keys = run.gathered_prompts
+        else:
+            keys = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu().numpy()
+        advantages, self.zero_std_groups = group_advantages(run.gathered_rewards.numpy(), keys,
                                                             self.options.global_std)
         return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
+
+    def trained_samples(self, run, trajectory):
+        """The samples to train on and the minibatch size: all of them at `train.batch_size`, or with
+        `drop_zero_advantages` those with a non-zero advantage, topped up at random with zero-advantage ones to a
+        multiple of the minibatch count (at least one sample each), in as many minibatches as before."""
+        import torch
+
+        batch_size = run.config.train.batch_size
+        if not self.options.drop_zero_advantages:
+            return trajectory, batch_size
+        minibatches = trajectory.batch_size // batch_size
+        advantages = trajectory.advantages.reshape(trajectory.batch_size, -1)
+        kept = advantages.abs().sum(dim=1) != 0
+        shortfall = -int(kept.sum()) % minibatches or (minibatches if not kept.any() else 0)
+        zero = (~kept).nonzero().flatten().cpu()
+        topped_up = zero[torch.randperm(len(zero), generator=run.generator("grpo-top-up"))[:shortfall]]
+        kept[topped_up.to(kept.device)] = True
+        rows = kept.nonzero().flatten()
+        return trajectory[rows], len(rows) // minibatches
 
     def update(self, run, trajectory):
         from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, kl_to_reference,
@@ -93,13 +135,15 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
         statistics = EpochStatistics()
         sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, self.options.clip_range)
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, sampled=sampled):
+        trained, batch_size = self.trained_samples(run, trajectory)
+        for transitions, first_minibatch in policy_passes(run, trained, accumulator, sampled=sampled,
+                                                          batch_size=batch_size):
             log_prob, mean, std, _ = model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
             policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
                                                self.options.clip_range)
             loss = policy_loss
             if self.options.kl_beta > 0:
-                kl = kl_to_reference(model, transitions, mean, std, config.sample, statistics)
+                kl = kl_to_reference(model, transitions, mean, std, config.sample, statistics, units="noise-level")
                 loss = policy_loss + self.options.kl_beta * kl
             accumulator.backward(loss)
             statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
@@ -107,6 +151,7 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
                                  transitions.positions)
         summary = statistics.summary(accumulator)
         summary["grpo/zero_std_groups"] = float(self.zero_std_groups)
+        summary["grpo/trained_samples"] = float(trained.batch_size)
         return summary
 
 

@@ -128,8 +128,9 @@ class TemporalDPO(ddpo.Algorithm):
         with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
             for inner_epoch in range(config.train.inner_epochs):
                 generator = run.generator(f"train-{inner_epoch}")
-                for transitions in trajectory.training_transitions(config.train.batch_size, generator,
-                                                                   config.train.timestep_fraction, steps_outer=True):
+                for transitions in trajectory.training_transitions(
+                        config.train.batch_size, generator, config.train.timestep_fraction, steps_outer=True,
+                        selection=config.train.timestep_selection):
                     first = inner_epoch == 0 and accumulator.optimizer_steps == 0
                     with accumulator.micro_step():
                         log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,

@@ -14,7 +14,7 @@ import pydantic
 
 import ddpo
 from ddpo.core.errors import UsageError
-from ddpo.core.model import ModelOptions, load_pretrained
+from ddpo.core.model import ModelOptions, classifier_free_guidance, load_pretrained
 
 LORA_DIRECTORY = "lora"
 
@@ -33,6 +33,9 @@ class StableDiffusion(ddpo.Model):
         """Hub revision (branch, tag or commit) to load."""
         variant: str | None = None
         """Weights variant to load, e.g. fp16."""
+        detach_unconditional: bool = False
+        """Pass no gradient through guidance's unconditional branch in training (Flow-GRPO's way); false: through
+        both branches, as ddpo-pytorch and the DDPO/D3PO/DPOK/TDPO official code train SD 1.x."""
 
     def load(self, device, dtype):
         import torch
@@ -79,8 +82,7 @@ class StableDiffusion(ddpo.Model):
             output = self.denoiser(sample, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
         if not guided:
             return output
-        unconditional, conditional = output.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return classifier_free_guidance(output, guidance_scale, self.options.detach_unconditional)
 
     def decode(self, sample):
         import torch

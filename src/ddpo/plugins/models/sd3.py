@@ -8,11 +8,14 @@ it: the pipeline then uses zeros in its place, and T5-XXL's 4.7B parameters, 9.5
 giving per-token embeddings (B, L, D) and pooled embeddings (B, P) — both travel in the trajectory as a dict.
 Sampling is Flow-GRPO's SDE with the ODE's marginals (`ddpo.core.samplers.FlowSDESampler`), `sample.eta` being
 its noise level (0.7), on diffusers' `FlowMatchEulerDiscreteScheduler` schedule (shift from the pipeline);
-classifier-free guidance is one batched call against the empty prompt. LoRA checkpoints are also written in
-diffusers' format: `StableDiffusion3Pipeline.load_lora_weights(dir)`.
+classifier-free guidance is one batched call against the empty prompt, its unconditional branch detached in
+training as Flow-GRPO does (`detach_unconditional`). LoRA checkpoints are also written in diffusers' format:
+`StableDiffusion3Pipeline.load_lora_weights(dir)`.
 
-Flow-GRPO's recipe (the run defaults here): 512 px, 10 sampling steps for training (40 to evaluate), guidance
-4.5, noise level 0.7, lr 3e-4.
+The run defaults here are Flow-GRPO's sampler: 10 sampling steps for training (40 to evaluate), guidance 4.5,
+noise level 0.7. Images are the transformer's native size unless `resolution` says otherwise (1024 px for
+SD3.5-M); Flow-GRPO trains at 512 px with 128 T5 tokens (config/grpo.py, `resolution = 512`;
+scripts/train_sd3.py, `max_sequence_length=128`), as `--preset flow-grpo-sd35` sets.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pydantic
 
 import ddpo
 from ddpo.core.errors import UsageError
-from ddpo.core.model import ModelOptions, load_pretrained
+from ddpo.core.model import ModelOptions, classifier_free_guidance, load_pretrained
 
 LORA_DIRECTORY = "lora"
 
@@ -59,6 +62,9 @@ class StableDiffusion3(ddpo.Model):
         """Hub revision (branch, tag or commit) to load."""
         variant: str | None = None
         """Weights variant to load, e.g. fp16."""
+        detach_unconditional: bool = True
+        """Pass no gradient through guidance's unconditional branch in training, as Flow-GRPO does
+        (train_sd3.py:190): the guided velocity's gradient is w times the conditional one's; false: both branches."""
 
     def load(self, device, dtype):
         import torch
@@ -119,8 +125,7 @@ class StableDiffusion3(ddpo.Model):
         output = output.float()
         if not guided:
             return output
-        unconditional, conditional = output.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        return classifier_free_guidance(output, guidance_scale, self.options.detach_unconditional)
 
     def decode(self, sample):
         import torch
