@@ -51,6 +51,100 @@ def test_percentile_keeps_exactly_the_samples_at_or_above_it_ties_included():
     assert (percentile_weights(torch.arange(10.0), 70) > 0).nonzero().flatten().tolist() == [7, 8, 9]
 
 
+def test_per_prompt_weights_are_the_official_per_prompt_softmax():
+    """jannerm/ddpo ddpo/utils/hdf5.py:437-451 with per_prompt_weights: per prompt, softmax(r * (1/5)) x the
+    prompt's count, and ddpo/pipeline/finetune.py:176-178 divides by the batch; in float64, over a whole epoch."""
+    rewards = [0.3, -1.2, 2.5, 0.0, 1.1, 0.7, -0.4]
+    prompts = ["cat", "dog", "cat", "dog", "cat", "owl", "dog"]
+    expected = [0.0] * len(rewards)
+    for prompt in set(prompts):
+        members = [index for index, entry in enumerate(prompts) if entry == prompt]
+        for index, weight in zip(members, hand_softmax([rewards[i] for i in members], 5.0), strict=True):
+            expected[index] = weight * len(members) / len(rewards)
+    weights = softmax_weights(torch.tensor(rewards, dtype=torch.float64), 5.0, prompts)
+    assert weights.tolist() == pytest.approx(expected, rel=1e-9) and float(weights.sum()) == pytest.approx(1.0)
+    assert weights[5] == pytest.approx(1 / 7)  # a prompt sampled once keeps its share whatever its reward
+
+
+def test_per_prompt_percentile_keeps_each_prompts_best_as_the_official_identical_batches():
+    """The official sparse run samples each batch from one prompt and keeps what is at or above np.percentile of
+    that batch (pipeline/sample.py:138, ddpo/utils/logger.py:68-77)."""
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(24, generator=generator)
+    prompts = [prompt for prompt in ("cat", "dog", "owl") for _ in range(8)]
+    kept = np.concatenate([(batch >= np.percentile(batch, 90)) for batch in rewards.double().numpy().reshape(3, 8)])
+    weights = percentile_weights(rewards, 90, prompts)
+    assert (weights > 0).numpy().tolist() == kept.tolist() and kept.sum() == 3
+    assert weights[kept].tolist() == pytest.approx([1 / 3] * 3)
+    assert (percentile_weights(rewards, 90) > 0).sum() == 3  # over the whole epoch: other samples
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_targets_are_the_schedulers_own(prediction_type):
+    """x_t and the target for each prediction type against diffusers' add_noise and get_velocity and a float64
+    hand computation from alphas_cumprod: epsilon -> the noise, v -> sqrt(abar) eps - sqrt(1 - abar) x_0,
+    sample -> x_0."""
+    from diffusers import DDIMScheduler
+
+    from ddpo.core.samplers import DDIMSampler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    original, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    noisy, timesteps, target = DDIMSampler(scheduler).denoising_target(original, noise,
+                                                                       torch.Generator().manual_seed(1))
+    assert timesteps.tolist() == torch.randint(0, 1000, (3,), generator=torch.Generator().manual_seed(1)).tolist()
+    abar = scheduler.alphas_cumprod.double()[timesteps].reshape(-1, 1, 1, 1)
+    x0, eps = original.double(), noise.double()
+    assert torch.allclose(noisy.double(), abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-5)
+    assert torch.equal(noisy, scheduler.add_noise(original, noise, timesteps))
+    hand = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}[prediction_type]
+    assert torch.allclose(target.double(), hand, atol=1e-5)
+    if prediction_type == "v_prediction":
+        assert torch.equal(target, scheduler.get_velocity(original, noise, timesteps))
+
+
+def test_flow_matching_target_is_the_velocity_from_data_to_noise():
+    """Rectified flow: x_s = (1 - s) x_0 + s eps and the velocity eps - x_0, s uniform in [0, 1) per sample (the
+    timestep is s x num_train_timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddpo.core.samplers import FlowSDESampler
+
+    generator = torch.Generator().manual_seed(0)
+    original, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    noisy, timesteps, target = FlowSDESampler(FlowMatchEulerDiscreteScheduler(shift=3.0)).denoising_target(
+        original, noise, torch.Generator().manual_seed(1))
+    sigma = torch.rand(3, generator=torch.Generator().manual_seed(1)).double().reshape(-1, 1, 1, 1)
+    assert torch.allclose(timesteps.double(), sigma.flatten() * 1000, atol=1e-3)
+    assert torch.allclose(noisy.double(), (1 - sigma) * original.double() + sigma * noise.double(), atol=1e-6)
+    assert torch.allclose(target.double(), noise.double() - original.double(), atol=1e-6)
+
+
+def test_the_guided_regression_is_the_official_train_cfg_loss(tiny_sd):
+    """jannerm/ddpo ddpo/training/diffusion.py:62-83: with train_cfg the loss regresses
+    eps_u + w (eps_c - eps_u) on the noise; each branch here from its own unguided forward pass, in float64."""
+    from ddpo.plugins.models.sd import StableDiffusion
+
+    model = StableDiffusion({"pretrained": str(tiny_sd)})
+    model.load(torch.device("cpu"), torch.float32)
+    original = torch.randn(2, *model.sample_shape(), generator=torch.Generator().manual_seed(0))
+    embeds = model.encode_prompts(["a cat", "a dog"])
+    losses = {scale: model.denoising_loss(original, embeds, torch.Generator().manual_seed(5), scale).detach()
+              for scale in (1.0, 5.0)}
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(original.shape, generator=generator)
+    noisy, timesteps, _ = model.sampler.denoising_target(original, noise, generator)
+    with torch.no_grad():
+        conditional = model.predict_noise(noisy, timesteps, embeds, 1.0).double()
+        unconditional = model.predict_noise(noisy, timesteps, model.negative_embeds.expand(2, -1, -1), 1.0).double()
+    for scale, prediction in ((1.0, conditional), (5.0, unconditional + 5.0 * (conditional - unconditional))):
+        hand = ((noise.double() - prediction) ** 2).mean(dim=(1, 2, 3))
+        assert torch.allclose(losses[scale].double(), hand, rtol=1e-5), scale
+    assert not torch.allclose(losses[1.0], losses[5.0], rtol=1e-2)
+
+
 class FakeProcess:
     """Stands in for the accelerator of process `index` of `count`, without a process group: the test itself
     averages what the processes' gradient all-reduce would."""
@@ -96,7 +190,7 @@ class QuadraticModel:
         self.denoiser = torch.nn.Module()
         self.denoiser.theta = torch.nn.Parameter(theta.clone())
 
-    def denoising_loss(self, x0, prompt_embeds, generator):
+    def denoising_loss(self, x0, prompt_embeds, generator, guidance_scale):
         offset = prompt_embeds.reshape(-1, 1, 1, 1)
         return ((self.denoiser.theta - x0 - offset) ** 2).mean(dim=(1, 2, 3))
 

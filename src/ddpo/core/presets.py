@@ -93,7 +93,8 @@ def list_presets(presets: dict[str, Preset], as_json: bool = False) -> str:
     items = [presets[name].as_dict() for name in sorted(presets)]
     if as_json:
         return json.dumps({"presets": items}, indent=2) + "\n"
-    lines = ["presets:"] + [f"  {item['name']:<28} {item['gpus']:>2} GPU{'s' if item['gpus'] > 1 else ' '}  "
+    width = max((len(item["name"]) for item in items), default=0)
+    lines = ["presets:"] + [f"  {item['name']:<{width}} {item['gpus']:>3} GPU{'s' if item['gpus'] > 1 else ' '}  "
                             f"{item['paper']}\n      {item['description']}" for item in items]
     return "\n".join(lines) + "\n"
 
