@@ -47,7 +47,8 @@ def test_applied_puts_the_average_in_and_the_trained_weights_back_exactly():
 
 def ema_run(cli, tmp_path, name, *args):
     result = cli.run("run", "--model", "ddpm", "--reward", "compressibility", "--set", "model.use_lora=true",
-                     "--set", "sample.num_steps=3", "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+                     "--set", "sample.num_steps=3", "--set", "sample.batch_size=4",
+                     "--set", "sample.batches_per_epoch=1",
                      "--set", "train.batch_size=2", "--set", "train.grad_accum=1", "--set", "train.learning_rate=1e-2",
                      "--set", "train.ema_decay=0.5", "--set", "train.ema_every=1", "--logdir", str(tmp_path),
                      "--run-name", name, *args)

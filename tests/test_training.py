@@ -52,7 +52,8 @@ def sd_update(tiny_sd, tmp_path, algorithm_name, advantages):
     from ddpo.plugins.models.sd import StableDiffusion
 
     config = resolve_config(None, ["sample.num_steps=4", "sample.batch_size=8", "sample.batches_per_epoch=1",
-                                   "train.batch_size=4", "train.grad_accum=2", "train.learning_rate=1e-2", "train.adam_epsilon=1",
+                                   "train.batch_size=4", "train.grad_accum=2", "train.learning_rate=1e-2",
+                                   "train.adam_epsilon=1",
                                    "algorithm.group_size=2" if algorithm_name == "grpo" else "epochs=1"],
                             {"model": {"name": "sd14"}, "algorithm": {"name": algorithm_name}})
     model = StableDiffusion({"pretrained": str(tiny_sd)})

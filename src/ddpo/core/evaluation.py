@@ -1,8 +1,9 @@
 """Evaluation during training: cross-reward scores, and a fixed set of images to compare across epochs and runs.
 
-With `eval.num_steps` set, every `eval.every` epochs the trainer samples (with the moving average of the weights,
-if `train.ema_decay` keeps one) the same prompts from the same initial noise (`sample.batch_size` images per process, seeded by the run seed and the process, not by the epoch), with
-`sample.eta` and generators of its own: the training run's random streams are untouched, so its training
+With `eval.num_steps` set, every `eval.every` epochs the trainer samples (with the moving average of the
+weights, if `train.ema_decay` keeps one) the same prompts from the same initial noise (`sample.batch_size` images
+per process, seeded by the run seed and the process, not by the epoch), with `sample.eta` and generators of its
+own: the training run's random streams are untouched, so its training
 metrics are the same with or without evaluation. The images are scored by the training reward and every eval
 reward; process 0's grid is saved as `eval/epoch_NNNN.png` and logged to TensorBoard as the image `eval/images`.
 TensorBoard images have no per-step caption, so the caption is the text `eval/captions` at the same step: a

@@ -267,7 +267,8 @@ class Model(Plugin):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights by parameter name, detached, contiguous, on the CPU."""
-        return {name: parameter.detach().to("cpu").contiguous() for name, parameter in self.trainable_named_parameters()}
+        return {name: parameter.detach().to("cpu").contiguous()
+                for name, parameter in self.trainable_named_parameters()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy trained weights in; the names must be exactly the trainable parameters."""
