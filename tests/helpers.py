@@ -1,10 +1,12 @@
 """Helpers the test modules share: reading a run's metrics, plugin distributions on disk, two-process launches on
-a free port, and the learning runs of the slow tier with their shuffled-reward control."""
+a free port, the learning runs of the slow tier with their shuffled-reward control, and `ddpo` commands run one
+after the other in one fresh process (commands that must stop before anything loads)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +82,49 @@ def learning_run(cli, tmp_path: Path, algorithm: str, target: int, seed: int, ep
                      "--logdir", str(tmp_path), "--run-name", name, env={SHUFFLE_ENV: "1"} if shuffled else None)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(tmp_path / name)
+
+
+CLI_CASES = r'''
+"""Run the `ddpo` command line (ddpo.cli.main, the console script) for each case of the JSON list in argv[1],
+{"argv", "watch"}, one after the other in this process, and print a JSON object: each case's exit code, stdout,
+stderr and the paths it created or removed under "watch"; and which heavy modules were imported by the end."""
+import contextlib
+import io
+import json
+import os
+import sys
+
+from ddpo.cli import main
+
+
+def tree(root):
+    return {os.path.join(folder, name) for folder, folders, files in os.walk(root) for name in folders + files}
+
+
+cases = []
+for case in json.loads(sys.argv[1]):
+    before, stdout, stderr = tree(case["watch"]), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(case["argv"])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    cases.append({"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+                  "changed": sorted(tree(case["watch"]) ^ before)})
+heavy = [name for name in ("torch", "diffusers", "accelerate", "transformers") if name in sys.modules]
+print(json.dumps({"cases": cases, "heavy": heavy}))
+'''
+
+
+def cli_cases_in_one_process(argvs: list[list[str]], watch: Path, launcher: list[str] = ()) -> tuple[list[dict], list]:
+    """Run each `ddpo ARGV` in one fresh interpreter (started by `launcher` if given, e.g. in a namespace), noting
+    what each changed under `watch`. Commands that stop before loading anything cost milliseconds each this way, and
+    the heavy modules imported by the end show that none loaded. Returns each command's {"code", "stdout",
+    "stderr", "changed"} and the heavy modules imported."""
+    cases = json.dumps([{"argv": argv, "watch": str(watch)} for argv in argvs])
+    result = subprocess.run([*launcher, sys.executable, "-c", CLI_CASES, cases], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    return report["cases"], report["heavy"]

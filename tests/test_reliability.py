@@ -8,13 +8,19 @@ would, without paying ~10 s of imports each. The Ctrl-C test uses a plain `pytho
 Faults are injected by a test plugin loaded through the entry-point mechanism (`probe_plugin`).
 """
 
+import errno
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +29,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import make_distribution, read_metrics, two_process_launch
+from ddpo.core.errors import UsageError
+
+from helpers import cli_cases_in_one_process, make_distribution, read_metrics, two_process_launch
 from conftest import run_cli
 from forked_cli import CliServer
 
@@ -517,6 +525,112 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli_server, tmp_path):
     for args, fragments in cases:
         assert_usage_error(*cli_server.run("run", "--logdir", str(tmp_path), *args), *fragments)
     assert sorted(path for path in tmp_path.rglob("*")) == before
+
+
+WRITTEN_DIRECTORY_ROLES = ("log directory", "log directory", "output directory", "output directory")
+"""What the error line calls the directory of each of `writing_commands`."""
+
+
+def writing_commands(target):
+    """The commands that write a directory, each told to write it at `target` (`ddpo sample`: its grid's folder)."""
+    return [["run", "--logdir", str(target)], ["sweep", "--algo", "ddpo-is", "--logdir", str(target)],
+            ["sample", "--out", str(target / "grid.png")], ["pairs", "export", "--out", str(target)]]
+
+
+def assert_refused_before_anything_loads(commands, fragments, watched, launcher=()):
+    """Each command (run one after the other in one fresh process) exits 2 with one line on stderr holding its
+    fragments and nothing on stdout, leaves the tree under `watched` as it was, and none imported torch (or diffusers,
+    accelerate, transformers)."""
+    results, heavy = cli_cases_in_one_process(commands, watched, launcher)
+    assert len(results) == len(commands) == len(fragments)
+    for command, expected, result in zip(commands, fragments, results):
+        assert_usage_error(result["code"], result["stderr"], *expected)
+        assert result["stdout"] == "" and result["changed"] == [], (command, result["stdout"], result["changed"])
+    assert heavy == []
+
+
+def test_an_output_directory_that_cannot_be_created_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    """Under a pseudo-filesystem (ENOENT in /proc), a regular file as the directory or its parent, a name over the
+    filesystem's limit (ENAMETOOLONG): every command that writes a directory stops before loading anything."""
+    proc = Path("/proc/ddpo-cannot-write")
+    with pytest.raises(OSError) as refused:
+        proc.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    too_long = tmp_path / ("n" * (name_max + 1))
+    cases = [(proc, [f"cannot create {{role}} {proc}: {refused.value.strerror}"]),
+             (a_file, [f"{{role}} {a_file} is a file"]),
+             (a_file / "runs", [f"cannot create {{role}} {a_file / 'runs'}: {a_file} is a file"]),
+             (too_long, [f"cannot create {{role}} {too_long}: {os.strerror(errno.ENAMETOOLONG)}",
+                         f"names here are at most {name_max} bytes"])]
+    commands, fragments = [], []
+    for target, expected in cases:
+        commands += writing_commands(target)
+        fragments += [[part.format(role=role) for part in expected] for role in WRITTEN_DIRECTORY_ROLES]
+    commands.append(["run", "--logdir", str(tmp_path / "runs"), "--run-name", too_long.name])
+    fragments.append([f"cannot create run directory {tmp_path / 'runs' / too_long.name}: "
+                      f"{os.strerror(errno.ENAMETOOLONG)}", "choose another --run-name"])
+    assert_refused_before_anything_loads(commands, fragments, tmp_path)
+
+
+def mount_namespace(setup):
+    """The launcher of a command in a new user and mount namespace (`unshare -rm`, root there, so it may mount a
+    tmpfs) after the shell commands `setup`; the test is skipped where such namespaces are not available."""
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", tempfile.gettempdir()],
+                           capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("needs a user+mount namespace to mount a tmpfs in (unshare -rm): "
+                    + (probe.stderr.strip() if probe is not None else "no unshare command"))
+    return ["unshare", "-rm", "sh", "-c", f'{setup} && exec "$@"', "sh"]
+
+
+def test_a_read_only_or_full_filesystem_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    """Real filesystems: a read-only tmpfs (EROFS) and a full one (ENOSPC: it still creates folders and files,
+    and refuses their data), mounted in a namespace of the test's own; the resumed run directory is on the
+    read-only one."""
+    from ddpo.core.config import resolve_config
+
+    read_only, full = tmp_path / "read-only", tmp_path / "full"
+    read_only.mkdir()
+    full.mkdir()
+    (tmp_path / "config.yaml").write_text(resolve_config(None, [], {}).to_yaml())
+    quoted = {name: shlex.quote(str(path)) for name, path in
+              (("read_only", read_only), ("full", full), ("config", tmp_path / "config.yaml"))}
+    launcher = mount_namespace(
+        f"mount -t tmpfs -o size=64k tmpfs {quoted['full']} && head -c 65536 /dev/zero > {quoted['full']}/filler && "
+        f"mount -t tmpfs -o size=64k tmpfs {quoted['read_only']} && mkdir {quoted['read_only']}/run && "
+        f"cp {quoted['config']} {quoted['read_only']}/run/ && mount -o remount,ro {quoted['read_only']}")
+    erofs, enospc = os.strerror(errno.EROFS), os.strerror(errno.ENOSPC)
+    commands = [*writing_commands(read_only / "runs"), *writing_commands(full / "runs"),
+                ["run", "--resume", str(read_only / "run")], ["sample", "--out", str(full / "grid.png")]]
+    fragments = [*([f"cannot create {role} {read_only / 'runs'}: {erofs}"] for role in WRITTEN_DIRECTORY_ROLES),
+                 *([f"cannot create {role} {full / 'runs'}: {enospc}"] for role in WRITTEN_DIRECTORY_ROLES),
+                 [f"cannot write in run directory {read_only / 'run'}: {erofs}", "give --resume"],
+                 [f"cannot write in output directory {full}: {enospc}", "give --out"]]
+    assert_refused_before_anything_loads(commands, fragments, tmp_path, launcher)
+
+
+def test_checks_of_one_new_directory_at_the_same_moment_all_pass_and_leave_nothing(tmp_path):
+    """Runs started together into one new log directory each check it: one check's test directories must not
+    make another fail, nor be left behind."""
+    from ddpo.core.preflight import check_output_directory
+
+    failures = []
+
+    def check_repeatedly():
+        for _ in range(50):
+            try:
+                check_output_directory(tmp_path / "new" / "runs", "log directory", "a directory you can write to")
+            except UsageError as error:
+                failures.append(str(error))
+
+    threads = [threading.Thread(target=check_repeatedly) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_flags_that_cannot_change_mid_run(cli_server, tmp_path):

@@ -13,7 +13,7 @@ from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
-from ddpo.core.preflight import check_logdir, check_resume
+from ddpo.core.preflight import check_output_directory, check_resume, check_run_directory
 from ddpo.core.startup import gc_paused
 
 AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
@@ -80,7 +80,7 @@ def build_app() -> typer.Typer:
                                   base=base, preset=preset)
         if base is not None:
             check_resume(base, resolved.model_dump(mode="json"))
-        check_logdir(resume if resume is not None else resolved.logdir)
+        check_run_directory(resolved.logdir, resolved.run_name, resume)
         with gc_paused():  # torch, accelerate, tensorboard
             from ddpo.core.trainer import train
 
@@ -136,6 +136,7 @@ def build_app() -> typer.Typer:
             raise UsageError(f"--out must be a .png file, got '{out}'")
         resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device),
                                   base=_checkpoint_config(checkpoint))
+        check_output_directory(out.parent, "output directory", "give --out a file in a directory you can write to")
         with gc_paused():  # torch
             from ddpo.core.sampling import sample_grid
 

@@ -16,6 +16,7 @@ import typer
 from ddpo.cli.app import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, _checkpoint_config, _flags
 from ddpo.core.config import RunConfig, resolve_config
 from ddpo.core.errors import UsageError
+from ddpo.core.preflight import check_output_directory
 from ddpo.plugins.algorithms.d3po import EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE
 
 PAIR_IMAGE_SIDE = 256
@@ -123,6 +124,7 @@ def export(out: Annotated[Path, typer.Option("--out", help="Directory to write t
            num: Annotated[int, typer.Option("--num", min=1, help="Number of pairs.")] = 16,
            seed: SeedFlag = None, device: DeviceFlag = None):
     """Sample pairs (same prompt, same initial noise) with d3po's sampler settings for people to label."""
+    check_output_directory(out, "output directory", "give --out a directory you can write to")
     if (out / EXPORT_FILE).exists():
         raise UsageError(f"{out} already holds a pair export; choose another --out")
     resolved = resolve_config(config, set_ or [], _flags("d3po", model=model, seed=seed, device=device),

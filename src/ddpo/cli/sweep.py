@@ -32,6 +32,7 @@ from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
 from ddpo.core.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
+from ddpo.core.preflight import check_output_directory
 
 LOG_FILE = "run.log"
 
@@ -222,6 +223,8 @@ def register(app: typer.Typer) -> None:
                 except UsageError:
                     run_logdir, run_epochs = logdir or "runs", None
                 runs.append(SweepRun(name, seed, Path(run_logdir) / run_name(name, seed), run_epochs))
+        for sweep_logdir in dict.fromkeys(run.run_dir.parent for run in runs):
+            check_output_directory(sweep_logdir, "log directory", "give --logdir a directory you can write to")
         typer.echo(f"sweep: {len(algos)} algorithms x {len(seed_values)} seeds = {len(runs)} runs into "
                    f"{runs[0].run_dir.parent}, {jobs} at a time")
         outcomes = Sweep(runs, shared).execute_all(jobs)

@@ -3,7 +3,11 @@ costs seconds, not a model load (or a GPU allocation) followed by a crash."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +19,79 @@ FIXED_ON_RESUME = ("algorithm.name", "model.name", "model.pretrained", "model.us
 """Keys a resumed run must keep: the checkpoint's weights, optimizer and algorithm state are shaped by them."""
 
 
-def check_logdir(logdir: str | Path) -> None:
-    """A log directory must exist as a writable directory, or be creatable under one."""
-    path = Path(logdir).absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"cannot create log directory {path}: {existing} is a file; give --logdir a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"log directory {path} is not writable ({existing} denies writing); give --logdir a "
-                         "directory you can write to")
+def check_output_directory(path: str | Path, role: str, fix: str) -> None:
+    """`path` must be a directory a file can be written in, or one that can be created. Only the attempt tells (a
+    pseudo-filesystem answers ENOENT, a read-only mount EROFS, a full disk ENOSPC, a long name ENAMETOOLONG), so
+    the missing directories are created (under a private folder, see `_try_writing`) with a byte written to a file
+    in the deepest, and removed again. A failure is a UsageError naming `role`, the path, the OS's reason and `fix`
+    (what to give instead)."""
+    path = Path(os.path.abspath(path))
+    existing, is_directory, missing = _nearest_existing(path)
+    if not is_directory:
+        raise UsageError(f"{role} {path} is a file; {fix}" if existing == path
+                         else f"cannot create {role} {path}: {existing} is a file; {fix}")
+    try:
+        _try_writing(existing, missing, path)
+    except OSError as error:
+        raise UsageError(_refusal(path, role, fix, bool(missing), error, existing)) from None
+
+
+def _nearest_existing(path: Path) -> tuple[Path, bool, list[Path]]:
+    """The nearest of `path` and its parents that exists, whether it is a directory, and the directories below it
+    down to `path` (outermost first). A path whose stat fails counts as missing: creating it then tells why (a name
+    too long, no access)."""
+    missing = []
+    while True:
+        try:
+            return path, stat.S_ISDIR(path.stat().st_mode), missing
+        except OSError:
+            missing.insert(0, path)
+            path = path.parent
+
+
+def _try_writing(existing: Path, missing: list[Path], path: Path) -> None:
+    """Create the `missing` directories' names, and a file with a byte in the deepest, inside a private directory
+    in `existing`, then remove it all. The same filesystem answers for the same names, and another process
+    checking the same new path at the same moment neither sees nor removes them (the folder's name makes the paths
+    27 bytes longer than the real ones, less than a run's files add below its directory). An OSError names the
+    directory it arose at (`filename`): the first missing one if nothing could be created in `existing`."""
+    at = missing[0] if missing else path
+    private = None
+    try:
+        private = Path(tempfile.mkdtemp(prefix=".ddpo-write-check-", dir=existing))
+        deepest = private
+        for directory in missing:
+            at, deepest = directory, deepest / directory.name
+            deepest.mkdir()
+        at = path
+        (deepest / "probe").write_bytes(b"\0")  # a full tmpfs still creates files and folders, and refuses data
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(at)) from None
+    finally:
+        if private is not None:
+            shutil.rmtree(private)
+
+
+def _refusal(path: Path, role: str, fix: str, creating: bool, error: OSError, existing: Path) -> str:
+    """The error line: what could not be done to `path`, the OS's reason, where it arose if not at `path` itself."""
+    at = Path(error.filename)
+    notes = [f"at {at}"] if at != path else []
+    if error.errno == errno.ENAMETOOLONG:
+        notes.append(f"names here are at most {os.pathconf(existing, 'PC_NAME_MAX')} bytes, paths "
+                     f"{os.pathconf(existing, 'PC_PATH_MAX')}")
+    where = f" ({'; '.join(notes)})" if notes else ""
+    return f"cannot {'create' if creating else 'write in'} {role} {path}: {error.strerror}{where}; {fix}"
+
+
+def check_run_directory(logdir: str, run_name: str | None, resume_dir: Path | None) -> None:
+    """The directory `ddpo run` writes must be writable: the resumed one, or {logdir}/{run_name} (the log directory
+    alone while the run name is left to the trainer's default, which holds the start time)."""
+    if resume_dir is not None:
+        check_output_directory(resume_dir, "run directory", "give --resume a run directory you can write to")
+        return
+    check_output_directory(logdir, "log directory", "give --logdir a directory you can write to")
+    if run_name:
+        check_output_directory(Path(logdir) / run_name, "run directory", "choose another --run-name")
 
 
 def _value(config: dict[str, Any], key: str) -> Any:
