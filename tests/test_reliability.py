@@ -551,7 +551,8 @@ def assert_refused_before_anything_loads(commands, fragments, watched, launcher=
 
 def test_an_output_directory_that_cannot_be_created_is_one_line_exit_2_and_writes_nothing(tmp_path):
     """Under a pseudo-filesystem (ENOENT in /proc), a regular file as the directory or its parent, a name over the
-    filesystem's limit (ENAMETOOLONG): every command that writes a directory stops before loading anything."""
+    filesystem's limit (ENAMETOOLONG): every command that writes a directory stops before loading anything; so does
+    `ddpo sample` whose --out is a directory, or a file name over the limit."""
     proc = Path("/proc/ddpo-cannot-write")
     with pytest.raises(OSError) as refused:
         proc.mkdir()
@@ -571,6 +572,11 @@ def test_an_output_directory_that_cannot_be_created_is_one_line_exit_2_and_write
     commands.append(["run", "--logdir", str(tmp_path / "runs"), "--run-name", too_long.name])
     fragments.append([f"cannot create run directory {tmp_path / 'runs' / too_long.name}: "
                       f"{os.strerror(errno.ENAMETOOLONG)}", "choose another --run-name"])
+    (tmp_path / "folder.png").mkdir()
+    commands += [["sample", "--out", str(tmp_path / "folder.png")], ["sample", "--out", str(too_long) + ".png"]]
+    fragments += [[f"output file {tmp_path / 'folder.png'} is a directory"],
+                  [f"cannot write in output directory {tmp_path}: {os.strerror(errno.ENAMETOOLONG)}",
+                   f"at {too_long}.png", f"names here are at most {name_max} bytes"]]
     assert_refused_before_anything_loads(commands, fragments, tmp_path)
 
 

@@ -13,7 +13,7 @@ from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.layout import CONFIG_FILE
 from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
-from ddpo.core.preflight import check_output_directory, check_resume, check_run_directory
+from ddpo.core.preflight import check_output_file, check_resume, check_run_directory
 from ddpo.core.startup import gc_paused
 
 AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
@@ -136,7 +136,7 @@ def build_app() -> typer.Typer:
             raise UsageError(f"--out must be a .png file, got '{out}'")
         resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device),
                                   base=_checkpoint_config(checkpoint))
-        check_output_directory(out.parent, "output directory", "give --out a file in a directory you can write to")
+        check_output_file(out, "give --out a file in a directory you can write to")
         with gc_paused():  # torch
             from ddpo.core.sampling import sample_grid
 

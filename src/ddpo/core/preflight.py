@@ -19,19 +19,29 @@ FIXED_ON_RESUME = ("algorithm.name", "model.name", "model.pretrained", "model.us
 """Keys a resumed run must keep: the checkpoint's weights, optimizer and algorithm state are shaped by them."""
 
 
-def check_output_directory(path: str | Path, role: str, fix: str) -> None:
+def check_output_file(path: str | Path, fix: str) -> None:
+    """`path` must be a file that can be written: not a directory, in a directory that can be created and
+    written in (`check_output_directory`), under a name the filesystem takes."""
+    path = Path(os.path.abspath(path))
+    if os.path.isdir(path):  # False for a path whose stat fails, where Path.is_dir raises on a name too long
+        raise UsageError(f"output file {path} is a directory; {fix}")
+    check_output_directory(path.parent, "output directory", fix, file_name=path.name)
+
+
+def check_output_directory(path: str | Path, role: str, fix: str, file_name: str = "probe") -> None:
     """`path` must be a directory a file can be written in, or one that can be created. Only the attempt tells (a
     pseudo-filesystem answers ENOENT, a read-only mount EROFS, a full disk ENOSPC, a long name ENAMETOOLONG), so
     the missing directories are created (under a private folder, see `_try_writing`) with a byte written to a file
     in the deepest, and removed again. A failure is a UsageError naming `role`, the path, the OS's reason and `fix`
-    (what to give instead)."""
+    (what to give instead). `file_name` is the name of the file written (the file a command will write there, if
+    it is known)."""
     path = Path(os.path.abspath(path))
     existing, is_directory, missing = _nearest_existing(path)
     if not is_directory:
         raise UsageError(f"{role} {path} is a file; {fix}" if existing == path
                          else f"cannot create {role} {path}: {existing} is a file; {fix}")
     try:
-        _try_writing(existing, missing, path)
+        _try_writing(existing, missing, path, file_name)
     except OSError as error:
         raise UsageError(_refusal(path, role, fix, bool(missing), error, existing)) from None
 
@@ -49,7 +59,7 @@ def _nearest_existing(path: Path) -> tuple[Path, bool, list[Path]]:
             path = path.parent
 
 
-def _try_writing(existing: Path, missing: list[Path], path: Path) -> None:
+def _try_writing(existing: Path, missing: list[Path], path: Path, file_name: str) -> None:
     """Create the `missing` directories' names, and a file with a byte in the deepest, inside a private directory
     in `existing`, then remove it all. The same filesystem answers for the same names, and another process
     checking the same new path at the same moment neither sees nor removes them (the folder's name makes the paths
@@ -63,8 +73,8 @@ def _try_writing(existing: Path, missing: list[Path], path: Path) -> None:
         for directory in missing:
             at, deepest = directory, deepest / directory.name
             deepest.mkdir()
-        at = path
-        (deepest / "probe").write_bytes(b"\0")  # a full tmpfs still creates files and folders, and refuses data
+        at = path / file_name if file_name != "probe" else path
+        (deepest / file_name).write_bytes(b"\0")  # a full tmpfs still creates files and folders, and refuses data
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(at)) from None
     finally:
