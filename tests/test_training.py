@@ -52,12 +52,13 @@ def sd_update(tiny_sd, tmp_path, algorithm_name, advantages):
     from ddpo.plugins.models.sd import StableDiffusion
 
     config = resolve_config(None, ["sample.num_steps=4", "sample.batch_size=8", "sample.batches_per_epoch=1",
-                                   "train.batch_size=4", "train.grad_accum=2", "train.learning_rate=1e-2",
+                                   "train.batch_size=4", "train.grad_accum=2", "train.learning_rate=1e-1",
                                    "train.adam_epsilon=1",
                                    "algorithm.group_size=2" if algorithm_name == "grpo" else "epochs=1"],
                             {"model": {"name": "sd14"}, "algorithm": {"name": algorithm_name}})
     model = StableDiffusion({"pretrained": str(tiny_sd)})
     model.load(torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)  # LoRA's A matrices come from the global generator, which xdist's test order leaves anywhere
     model.configure_training()
     algorithm = get_registry().get("algorithms", algorithm_name)(config.algorithm.options())
     accelerator = Accelerator(cpu=True)
@@ -87,13 +88,17 @@ def sd_update(tiny_sd, tmp_path, algorithm_name, advantages):
 def test_one_update_on_sd_raises_the_log_prob_of_positive_advantage_trajectories(algorithm, tiny_sd, tmp_path):
     """Every trajectory with A > 0 becomes more likely and every one with A < 0 less (LoRA on the tiny SD UNet,
     guidance in training). The control: the same update with the advantages shuffled among the trajectories
-    follows the shuffled ones, so against the true advantages it agrees on only half of them."""
+    follows the shuffled ones, so against the true advantages it agrees on only half of them.
+
+    lr 1e-1 keeps the update first-order (the changes scale with lr from 1e-2) while the smallest change, 3.7e-5
+    over LoRA seeds 0-4, is ~150 float32 steps of a log-probability near 2: at lr 1e-2 the smallest were within
+    a few steps, and another CPU's rounding turned one to 0."""
     change = sd_update(tiny_sd, tmp_path, algorithm, ADVANTAGES)
     assert (change.sign() == ADVANTAGES.sign()).all(), change
-    shuffled = ADVANTAGES[torch.randperm(8, generator=torch.Generator().manual_seed(3))]
+    shuffled = ADVANTAGES[torch.randperm(8, generator=torch.Generator().manual_seed(0))]  # agrees on 4 of 8
     control = sd_update(tiny_sd, tmp_path, algorithm, shuffled)
     assert (control.sign() == shuffled.sign()).all(), control
-    assert (control.sign() == ADVANTAGES.sign()).float().mean() <= 0.75, (shuffled, control)
+    assert (control.sign() == ADVANTAGES.sign()).float().mean() == 0.5, (shuffled, control)
 
 
 def test_run_directory_has_the_contract_layout(is_run):
