@@ -8,10 +8,16 @@ and register them with `run.register_module`, which trains, syncs and checkpoint
 - `TemporalCriticHead` is TDPO-R's temporal critic (Zhang et al. 2024): V(features of x_t) only — no step, no
   prompt — an MLP in→1024→128→64→16→1 without activations on `CriticFeatures` (the decoded state's CLIP
   embedding, or its pixels through a small conv stem), whose neurons `ddpo.core.neurons` scores and resets.
+  Its weights are drawn N(0, std) at initialisation and at every reset, biases 0. The official code uses one
+  std for every layer, 1/(w+1) with w the width the MLP reads (768 for CLIP ViT-L/14, 1024 for PickScore and
+  HPSv2: tdpo_pytorch/critic_model.py:33, neuron_recycler.py:140 and :174); `per-layer`, ddpo's first reading,
+  takes each layer's own input width instead, 1/(in+1).
 - `clipped_value_loss` and `explained_variance` are what any critic's training and logging share.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -84,20 +90,29 @@ class StepValueNetwork(nn.Module):
         return self.output(hidden).squeeze(-1)
 
 
+CriticInit = Literal["paper", "per-layer"]
+"""How a `TemporalCriticHead` draws its weights (initialisation and resets): one std 1/(w+1) for every layer, w the
+MLP's input width (`paper`), or 1/(in+1) with each layer's own input width (`per-layer`)."""
+
+
 class TemporalCriticHead(nn.Module):
     """TDPO-R's critic head V(features of x_t) -> (B,): Linear in→1024 – Dropout 0.2 – 1024→128 – Dropout 0.2 –
     128→64 – Dropout 0.1 – 64→16 – 16→1, no activations (the LAION aesthetic predictor's shape), weights
-    N(0, std 1/(in+1)), biases 0. With `pixel_shape` (C, H, W) given, a small conv stem reads the decoded
-    state's pixels (flattened in the features) and feeds the head instead.
+    N(0, `weight_std`), biases 0. With `pixel_shape` (C, H, W) given, a small conv stem reads the decoded
+    state's pixels (flattened in the features) and feeds the head instead; the MLP's input width is then the
+    stem's output (512).
 
     Args:
         feature_dim: F, the width of the stored features (B, F).
         pixel_shape: (C, H, W) when the features are flattened pixels; None for embeddings (CLIP).
+        init: `CriticInit`, the std of the MLP's weights (the paper's single one by default).
     """
 
-    def __init__(self, feature_dim: int, pixel_shape: tuple[int, int, int] | None = None):
+    def __init__(self, feature_dim: int, pixel_shape: tuple[int, int, int] | None = None,
+                 init: CriticInit = "paper"):
         super().__init__()
         self.pixel_shape = pixel_shape
+        self.init = init
         self.stem = None
         width = feature_dim
         if pixel_shape is not None:
@@ -110,8 +125,13 @@ class TemporalCriticHead(nn.Module):
                                  nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=1 / (layer.in_features + 1))
+                nn.init.normal_(layer.weight, std=self.weight_std(layer))
                 nn.init.zeros_(layer.bias)
+
+    def weight_std(self, layer: nn.Linear) -> float:
+        """The std of `layer`'s weights, one of the MLP's, at initialisation and when a reset re-draws them."""
+        width = self.mlp[0].in_features if self.init == "paper" else layer.in_features
+        return 1 / (width + 1)
 
     def mlp_inputs(self, features: torch.Tensor) -> torch.Tensor:
         """What the MLP reads for features (B, F): the features, or the conv stem's output on the pixels."""

@@ -6,13 +6,17 @@ over the batch, divided by the mean of that over the layer's neurons (+1e-9): 1 
 that never fires. Dormant ⇔ score ≤ τ (TDPO-R: τ = 0); active = the rest. The last linear layer (the output)
 has no neurons to score.
 
-A reset re-draws a neuron: its incoming row and bias in the layer that produces it (row ~ N(0, std 1/(in+1)),
-bias 0) and its outgoing column in the next linear layer (~ N(0, std 1/(in'+1)), in' that layer's input
-width), and zeroes exactly those entries of AdamW's moments. TDPO-R resets the ACTIVE neurons (against
-primacy bias; the dormant ones act as a regulariser), ReDo the dormant ones. Nothing else changes.
+A reset re-draws a neuron: its incoming row and bias in the layer that produces it (row ~ N(0, std of that
+layer), bias 0) and its outgoing column in the next linear layer (~ N(0, std of the next layer)), and zeroes
+exactly those entries of AdamW's moments. The stds are the network's initialisation's: TDPO-R's official code
+draws both with the critic's single 1/(w+1), w its input width (neuron_recycler.py:140 and :174). TDPO-R
+resets the ACTIVE neurons (against primacy bias; the dormant ones act as a regulariser), ReDo the dormant
+ones. Nothing else changes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -55,17 +59,19 @@ def dormant_masks(scores: list[torch.Tensor], tau: float) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def reset_neurons(module: nn.Module, masks: list[torch.Tensor], optimizer, generator: torch.Generator) -> int:
-    """Re-draw the neurons where `masks` (one bool (out_features,) per hidden linear layer) is True, and zero
-    their AdamW moments. Returns how many neurons were reset."""
+def reset_neurons(module: nn.Module, masks: list[torch.Tensor], optimizer, generator: torch.Generator,
+                  weight_std: Callable[[nn.Linear], float]) -> int:
+    """Re-draw the neurons where `masks` (one bool (out_features,) per hidden linear layer) is True, each linear
+    layer's entries with std `weight_std(layer)` (e.g. `TemporalCriticHead.weight_std`), and zero their AdamW
+    moments. Returns how many neurons were reset."""
     count = 0
     for (layer, following), mask in zip(hidden_linears(module), masks, strict=True):
         rows = mask.nonzero().flatten().to(layer.weight.device)
         if len(rows) == 0:
             continue
         count += len(rows)
-        incoming = torch.randn((len(rows), layer.in_features), generator=generator) / (layer.in_features + 1)
-        outgoing = torch.randn((following.out_features, len(rows)), generator=generator) / (following.in_features + 1)
+        incoming = torch.randn((len(rows), layer.in_features), generator=generator) * weight_std(layer)
+        outgoing = torch.randn((following.out_features, len(rows)), generator=generator) * weight_std(following)
         layer.weight[rows] = incoming.to(layer.weight)
         following.weight[:, rows] = outgoing.to(following.weight)
         if layer.bias is not None:

@@ -3,7 +3,8 @@ Primacy Biases (Zhang et al., ICML 2024, arXiv 2402.08552; official code ZiyiZha
 
 TDPO gives each denoising step its own advantage through a temporal critic V(x_t), a value of the
 intermediate state alone (no timestep, no prompt): the official input is the L2-normalised CLIP image
-embedding of the VAE-decoded x_t, read by an MLP head in→1024→128→64→16→1 with dropout and no activations.
+embedding of the VAE-decoded x_t, read by an MLP head in→1024→128→64→16→1 with dropout and no activations,
+whose weights are all drawn N(0, 1/(w+1)), w the embedding's width (768 for ViT-L/14; critic_model.py:33).
 
     R      = per-prompt normalised final reward (DDPO's advantage), the same for every step (γ = 1)
     Â_t    = R − V_old(x_t)                      V_old: the critic when the epoch was sampled
@@ -17,8 +18,9 @@ makes many small steps; the paper's SD 1.4 recipe is 256 samples per epoch, trai
 accumulation per GPU, policy and critic lr 1e-4, 100 epochs.
 
 TDPO-R adds neuron resets against primacy bias: every `reset_every` epochs (10) the critic's ACTIVE neurons —
-those whose activity score on a probe batch is above τ = 0 (`ddpo.core.neurons`) — are re-initialised with
-their AdamW moments; the policy is never reset. `reset_mode=dormant` resets the dormant ones instead (ReDo).
+those whose activity score on a probe batch is above τ = 0 (`ddpo.core.neurons`) — are re-drawn with the
+initialisation's std (neuron_recycler.py:140 and :174) and their AdamW moments zeroed; the policy is never
+reset. `reset_mode=dormant` resets the dormant ones instead (ReDo).
 The paper measures over-optimisation by cross-reward evaluation: train on one reward, log the others
 (`eval.rewards`).
 
@@ -68,6 +70,10 @@ class TemporalDPO(ddpo.Algorithm):
         """Clip range of the value loss around the sampling-time values (paper: 0.2)."""
         value_coef: float = pydantic.Field(1.0, ge=0)
         """Weight of the value loss in the joint loss (paper: 1.0)."""
+        critic_init: Literal["paper", "per-layer"] = "paper"
+        """Std of the critic MLP's weights when drawn (initialisation and resets): `paper`, 1/(w+1) for every layer
+        with w the MLP's input width (official code: critic_model.py:33, neuron_recycler.py:140 and :174), or
+        `per-layer`, 1/(in+1) with each layer's own input width."""
         kl_weight: float = pydantic.Field(0.0, ge=0)
         """Weight beta of the KL to the pretrained model on each step's Gaussian (not in TDPO; 0 skips the
         reference pass)."""
@@ -87,7 +93,7 @@ class TemporalDPO(ddpo.Algorithm):
 
         self.features = CriticFeatures(self.options.critic_features, self.options.clip_model)
         self.features.load(run.model, run.reward, run.accelerator.device)
-        head = TemporalCriticHead(self.features.feature_dim, self.features.pixel_shape)
+        head = TemporalCriticHead(self.features.feature_dim, self.features.pixel_shape, self.options.critic_init)
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.options.critic_lr, weight_decay=1e-4)
         self.critic, self.critic_optimizer = run.register_module("critic", head, optimizer)
 
@@ -208,19 +214,27 @@ class TemporalDPORegularized(TemporalDPO):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.neurons import dormant_masks, reset_neurons
+        from ddpo.core.neurons import reset_neurons
         from ddpo.core.run import derive_seed
 
         summary = super().update(run, trajectory)
         if run.epoch % self.options.reset_every == 0:
-            dormant = dormant_masks(self.scores, self.options.tau)
-            masks = dormant if self.options.reset_mode == "dormant" else [~mask for mask in dormant]
             # the same draw on every process, so the critic's replicas stay identical
             generator = torch.Generator().manual_seed(derive_seed(run.config.seed, run.epoch, "neuron-reset"))
-            reset_neurons(run.accelerator.unwrap_model(self.critic).mlp, masks, self.critic_optimizer, generator)
+            critic = run.accelerator.unwrap_model(self.critic)
+            reset_neurons(critic.mlp, self.reset_masks(self.scores), self.critic_optimizer, generator,
+                          critic.weight_std)
             self.resets += 1
         summary["critic/resets"] = float(self.resets)
         return summary
+
+    def reset_masks(self, scores):
+        """Per hidden layer of the critic, True for the neurons a reset re-draws given their activity `scores`: the
+        active ones (score > tau; TDPO-R) or the dormant ones (ReDo)."""
+        from ddpo.core.neurons import dormant_masks
+
+        dormant = dormant_masks(scores, self.options.tau)
+        return dormant if self.options.reset_mode == "dormant" else [~mask for mask in dormant]
 
     def state_dict(self):
         return {"resets": self.resets}
