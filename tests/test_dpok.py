@@ -1,5 +1,6 @@
-"""DPOK: its loss, KL estimates and clamp against float64 hand computations, the KL to the pretrained model at
-initialisation, the value network, and `ddpo run --algo dpok` end to end (tiny SD, digits learning, resume)."""
+"""DPOK: its loss, KL estimates and clamp against float64 hand computations, the gradient its KL term applies,
+the KL to the pretrained model at initialisation, the value network and its fit, and `ddpo run --algo dpok` end
+to end (tiny SD, digits learning, resume)."""
 
 
 import pytest
@@ -161,6 +162,71 @@ def test_kl_to_the_reference_is_exactly_zero_after_setup(use_lora, tiny_sd, tmp_
     assert torch.equal(gaussian_kl(mean, reference_mean, std), torch.zeros(4))
     # The value network reads the prompt: SD's text embedding width is part of its input.
     assert run.modules["value"].module.prompt_dim == model.encode_prompts([""]).shape[-1]
+
+
+def hand_ddim_mean(scheduler, model_output, timesteps, prev_timesteps, sample, eta):
+    """DESIGN.md §7's DDIM step mean and std for epsilon outputs, from alphas_cumprod in float64 (gradient through
+    `model_output`): x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t), sigma = eta sqrt((1 - a_p) / (1 - a_t))
+    sqrt(1 - a_t / a_p), mu = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps."""
+    alphas = scheduler.alphas_cumprod.double()
+    final = torch.tensor(float(scheduler.final_alpha_cumprod), dtype=torch.float64)
+    alpha_t = alphas[timesteps].reshape(-1, 1, 1, 1)
+    alpha_prev = torch.stack([alphas[p] if p >= 0 else final for p in prev_timesteps.tolist()]).reshape(-1, 1, 1, 1)
+    eps, x = model_output.double(), sample.double()
+    original = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    return alpha_prev.sqrt() * original + (1 - alpha_prev - sigma**2).sqrt() * eps, sigma
+
+
+@pytest.mark.parametrize("kl_mode", ["eps-mse", "gaussian"])
+def test_kl_term_applies_the_gradient_of_the_hand_kl(kl_mode, tiny_sd, tmp_path):
+    """With every advantage 0 the reward term has no gradient, so DPOK's update applies beta times the gradient of
+    the mean KL over the trained transitions, here autograd on the KL written from the guided outputs (w = 7.5)
+    of the LoRA policy (with gradient) and of the pretrained model: eps-mse the element mean of their squared
+    difference (the official code), gaussian ||mu - mu_ref||^2 / (2 sigma_t^2) per element with the DDIM means
+    and sigma_t computed by hand. One optimizer step takes the epoch (4 samples x 3 steps), unclipped; the
+    recording optimizer leaves the weights. A detached KL term applies 0; the other mode's KL another gradient."""
+    from test_rwr import GradientRecorder
+
+    model = StableDiffusion({"pretrained": str(tiny_sd)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    with torch.no_grad():  # LoRA's B starts at 0, where the KL and its gradient are 0: move the adapters
+        generator = torch.Generator().manual_seed(3)
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    algorithm = DPOK({"value_baseline": False, "kl_mode": kl_mode, "kl_weight": 0.5})
+    run, trajectory = make_run(model, algorithm, tmp_path, num_steps=3, prompts=["a cat", "a dog"] * 2,
+                               sets=["train.batch_size=2", "train.grad_accum=2", "train.timestep_fraction=1.0",
+                                     "train.max_grad_norm=1e9"])
+    parameters = model.trainable_parameters()
+    recorder = run.modules["policy"].optimizer = GradientRecorder(parameters)
+    trajectory.advantages = torch.zeros(4)
+    assert trajectory.policy_steps.all()
+    kls = []
+    for step in range(3):
+        transitions = trajectory.transitions(torch.full((4,), step))
+        output = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 7.5)
+        with torch.no_grad(), model.reference():
+            reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 7.5)
+        if kl_mode == "eps-mse":
+            kls.append(((output.double() - reference.double()) ** 2).flatten(1).mean(dim=1))
+        else:
+            arguments = (transitions.timesteps, transitions.prev_timesteps, transitions.sample, 1.0)
+            mean, sigma = hand_ddim_mean(model.scheduler, output, *arguments)
+            reference_mean, _ = hand_ddim_mean(model.scheduler, reference, *arguments)
+            kls.append(((mean - reference_mean) ** 2 / (2 * sigma**2)).flatten(1).mean(dim=1))
+    kl = torch.cat(kls).mean()
+    hand = torch.cat([gradient.flatten() for gradient in torch.autograd.grad(0.5 * kl, parameters)])
+
+    metrics = algorithm.update(run, trajectory)
+
+    (applied,) = recorder.steps
+    assert metrics["train/optimizer_steps"] == 1 and metrics["loss/policy"] == 0
+    assert metrics["policy/kl_to_reference"] == pytest.approx(float(kl), rel=1e-4)
+    assert metrics["loss/kl"] == pytest.approx(0.5 * float(kl), rel=1e-4)
+    assert float(hand.norm()) > 1e-3
+    torch.testing.assert_close(applied.double(), hand.double(), rtol=1e-3, atol=1e-4 * float(hand.abs().max()))
 
 
 def test_equal_rewards_without_baseline_give_no_policy_gradient(tiny_ddpm, tmp_path):

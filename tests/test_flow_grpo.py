@@ -1,6 +1,7 @@
-"""Flow matching and GRPO: the flow-SDE step against diffusers' Euler step and a float64 hand computation, the
-SD3 model plugin on a tiny pipeline, group-relative advantages, groups that span batches and processes, and
-`grpo` learning on the digits task."""
+"""Flow matching and GRPO: the flow-SDE step against diffusers' Euler step, a float64 hand computation and the
+exact marginals of rectified flow, the SD3 model plugin on a tiny pipeline, group-relative advantages, groups that
+span batches and processes, the KL term's value and gradient against Flow-GRPO's kl_loss, and `grpo` learning on
+the digits task."""
 
 import json
 import math
@@ -205,7 +206,7 @@ def grpo_run(model, tmp_path, *sets):
 def flow_grpo_kl(sigma, sigma_next, sigma_max, sample, velocity, reference_velocity, noise_level):
     """Flow-GRPO's kl_loss of one sample at one step (scripts/train_sd3.py:895 with sd3_sde_with_logprob.py:42-50),
     in float64: the squared difference of the two SDE means over 2 std_dev_t², std_dev_t the noise level's std
-    (no sqrt(|dt|))."""
+    (no sqrt(|dt|)). A 0-d tensor, with gradient if `velocity` has one."""
     x, v, v_ref = sample.double(), velocity.double(), reference_velocity.double()
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
@@ -213,7 +214,7 @@ def flow_grpo_kl(sigma, sigma_next, sigma_max, sample, velocity, reference_veloc
     def mean(u):
         return x * (1 + std_dev_t**2 / (2 * sigma) * dt) + u * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
 
-    return float(((mean(v) - mean(v_ref)) ** 2).mean() / (2 * std_dev_t**2))
+    return ((mean(v) - mean(v_ref)) ** 2).mean() / (2 * std_dev_t**2)
 
 
 def test_grpo_kl_on_the_flow_sde_is_flow_grpos_kl_loss(tiny_sd3, tmp_path):
@@ -237,13 +238,56 @@ def test_grpo_kl_on_the_flow_sde_is_flow_grpos_kl_loss(tiny_sd3, tmp_path):
                 reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
                                                 4.5)
             for sample in range(4):
-                expected.append(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
-                                             transitions.sample[sample], velocity[sample], reference[sample], 0.7))
+                expected.append(float(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
+                                                   transitions.sample[sample], velocity[sample], reference[sample],
+                                                   0.7)))
 
     metrics = run.algorithm.update(run, trajectory)
 
     assert min(expected) > 0
     assert metrics["loss/kl"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def flat(gradients):
+    return torch.cat([gradient.flatten() for gradient in gradients])
+
+
+def test_grpo_kl_term_applies_the_gradient_of_flow_grpos_kl(tiny_sd3, tmp_path):
+    """With every advantage 0 the clipped surrogate has no gradient, so the update applies beta times the gradient
+    of the mean kl_loss over the trained (sample, step) pairs: here autograd on Flow-GRPO's kl_loss written from
+    the policy's velocity (with gradient) and the reference's. One optimizer step takes the whole epoch (4 samples
+    x 3 steps), unclipped; the recording optimizer leaves the weights, so every micro-step sees the same policy.
+    A detached KL term, or one of the wrong sign or units, applies another gradient."""
+    from test_rwr import GradientRecorder
+
+    model = trained_sd3(tiny_sd3)
+    run = grpo_run(model, tmp_path, "sample.num_steps=3", "train.batch_size=2", "train.grad_accum=2",
+                   "train.max_grad_norm=1e9", "algorithm.kl_beta=0.04")
+    parameters = model.trainable_parameters()
+    recorder = run.modules["policy"].optimizer = GradientRecorder(parameters)
+    trajectory, _ = sample_batch(model, ["a cat", "a cat", "a dog", "a dog"], [{}] * 4, num_steps=3, eta=0.7,
+                                 guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+    trajectory.advantages = torch.zeros(4)
+    assert trajectory.policy_steps.all()  # every step of the flow SDE is trained, the last (to sigma 0) too
+    sigmas = model.scheduler.sigmas.double()
+    kls = []
+    for step in range(3):
+        transitions = trajectory.transitions(torch.full((4,), step))
+        velocity = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 4.5)
+        with torch.no_grad(), model.reference():
+            reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 4.5)
+        kls.extend(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
+                                transitions.sample[sample], velocity[sample], reference[sample], 0.7)
+                   for sample in range(4))
+    hand = flat(torch.autograd.grad(0.04 * torch.stack(kls).mean(), parameters))
+
+    metrics = run.algorithm.update(run, trajectory)
+
+    (applied,) = recorder.steps
+    assert metrics["train/optimizer_steps"] == 1 and metrics["loss/policy"] == 0
+    assert metrics["loss/kl"] == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4)
+    assert float(hand.norm()) > 1e-3
+    torch.testing.assert_close(applied.double(), hand.double(), rtol=1e-3, atol=1e-4 * float(hand.abs().max()))
 
 
 @pytest.mark.parametrize(("name", "detach"), [("sd14", False), ("sd3", True), ("sd3", False)])
