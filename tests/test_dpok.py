@@ -12,7 +12,7 @@ from ddpo.core.config import resolve_config
 from ddpo.core.critic import StepValueNetwork, prompt_vector
 from ddpo.core.errors import UsageError
 from ddpo.core.rollout import sample_batch
-from ddpo.core.policy import gaussian_kl
+from ddpo.core.policy import EpochStatistics, gaussian_kl
 from ddpo.core.run import Run
 from ddpo.plugins.algorithms.dpok import DPOK, dpok_loss, eps_mse_kl
 from ddpo.plugins.models.ddpm import PixelDDPM
@@ -100,6 +100,31 @@ def test_value_network_shapes_prompt_input_and_step_gates():
         conditional(sample, steps, None)
     with pytest.raises(ValueError, match=r"expects prompt vectors \(6, 7\), got shape \(6, 2, 7\)"):
         conditional(sample, steps, embeds)
+
+
+def test_value_network_is_valuemultis_forward_by_hand():
+    """DPOK's ValueMulti (reward_model.py): h_0 = [flatten(x_t), prompt], h_{i+1} = ReLU((W_i h_i + b_i) * g_i[k]) for
+    three step-gated layers, V = w . h_3 + c; in float64 (Python floats) from the network's own weights, for a
+    prompt input that matters and pre-activations of both signs."""
+    torch.manual_seed(0)
+    network = StepValueNetwork((2, 3, 3), prompt_dim=5, num_steps=4, hidden_size=6)
+    sample, prompts = torch.randn(7, 2, 3, 3), 3 * torch.randn(7, 5)
+    steps = torch.tensor([0, 1, 2, 3, 3, 2, 1])
+    values = network(sample, steps, prompts)
+    rows = []
+    for row in range(7):
+        hidden = sample[row].flatten().tolist() + prompts[row].tolist()
+        for layer in network.layers:
+            weight, bias = layer.linear.weight.tolist(), layer.linear.bias.tolist()
+            gate = layer.gate.weight[steps[row]].tolist()
+            hidden = [max(0.0, (sum(w * h for w, h in zip(weights, hidden)) + b) * g)
+                      for weights, b, g in zip(weight, bias, gate)]
+        output = network.output.weight[0].tolist()
+        rows.append(sum(w * h for w, h in zip(output, hidden)) + network.output.bias.item())
+    assert values.tolist() == pytest.approx(rows, rel=1e-5, abs=1e-6)
+    pre = network.layers[0](torch.cat([sample.flatten(1), prompts], dim=1), steps)
+    assert (pre < 0).any() and (pre > 0).any()  # ReLU has something to cut
+    assert not torch.allclose(values, network(sample, steps, torch.zeros_like(prompts)))
 
 
 def test_prompt_vector_of_sd3s_two_embeddings_is_the_token_mean_then_the_pooled_vector():
@@ -267,6 +292,35 @@ def test_value_is_fitted_before_the_policy_step_and_gives_per_step_advantages(ti
     initial_error = ((trajectory.rewards - trajectory.rewards.mean()) ** 2).mean().item()  # of a constant guess
     assert ((expected) ** 2).mean().item() < initial_error  # the fit reduced the squared error below the spread
     assert {"loss/value", "loss/policy", "loss/kl", "loss/total", "policy/kl_to_reference"} <= metrics.keys()
+
+
+def test_value_fit_reads_each_state_with_its_own_step_and_advantages_are_clipped(tiny_ddpm, tmp_path):
+    """The value network is fitted on (x_t, k) pairs where x_t is the state step k leaves, at policy steps only;
+    the per-step advantages r - V(x_t, k) are clipped to +-advantage.clip_max (5) like every advantage, which
+    rewards of +-50 reach."""
+    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    algorithm = DPOK({"value_steps": 2, "value_batch_size": 16, "value_micro_batches": 1})
+    run, trajectory = make_run(model, algorithm, tmp_path)
+    trajectory.rewards = torch.tensor([50.0, -50.0, 0.5, -1.0])
+    value = run.modules["value"].module
+    seen = []
+    handle = value.register_forward_hook(lambda module, inputs, output: seen.append(inputs))
+    algorithm._fit_value(run, trajectory, EpochStatistics())
+    handle.remove()
+    policy = set(trajectory.policy_steps[0].nonzero().flatten().tolist())
+    assert len(seen) == 2
+    for states, steps, _ in seen:
+        for state, step in zip(states, steps.tolist(), strict=True):
+            assert step in policy
+            assert any(torch.equal(state, trajectory.latents[b, step]) for b in range(4)), step
+    advantages = algorithm._baselined_advantages(run, trajectory)
+    with torch.no_grad():
+        values = torch.stack([value(trajectory.latents[:, k], torch.full((4,), k), None) for k in range(4)], dim=1)
+    expected = (trajectory.rewards[:, None] - values).clamp(-5, 5)
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert (advantages[0] == 5).all() and (advantages[1] == -5).all()
 
 
 # -- the command line -----------------------------------------------------------------------------------------

@@ -443,6 +443,31 @@ def test_flow_grpo_groups_by_prompt_with_the_global_std():
     assert flat == 0
 
 
+@pytest.mark.parametrize("global_std", [False, True])
+@pytest.mark.parametrize("group_by", ["group", "prompt"])
+def test_grpo_advantages_follow_its_options(global_std, group_by, tiny_ddpm, tmp_path):
+    """The algorithm's advantages of this process's samples, from every process's rewards, by hand: (r - mean of the
+    group) / (std + 1e-4), the group the sampled group or the prompt, the std the group's or the epoch's."""
+    from test_algorithms import make_run
+
+    from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+
+    algorithm = GroupRelativePolicyOptimization({"group_size": 2, "global_std": global_std, "group_by": group_by})
+    run, trajectory = make_run(tiny_ddpm, algorithm, tmp_path, batch_size=4, grad_accum=1)
+    rewards = [1.0, 3.0, 2.0, 6.0, 0.5, 0.7, 4.0, 4.0]
+    prompts = ["cat", "cat", "dog", "dog", "cat", "cat", "dog", "dog"]
+    trajectory.group_ids = torch.arange(8) // 2
+    run.gathered_rewards, run.gathered_prompts = torch.tensor(rewards), prompts
+    groups = [index // 2 for index in range(8)] if group_by == "group" else prompts
+    expected = []
+    for index, reward in enumerate(rewards):
+        members = np.array([r for r, g in zip(rewards, groups) if g == groups[index]])
+        std = np.std(rewards) if global_std else members.std()
+        expected.append((reward - members.mean()) / (std + 1e-4))
+    assert algorithm.compute_advantages(run, trajectory).tolist() == pytest.approx(expected, rel=1e-6)
+    assert algorithm.zero_std_groups == (1 if group_by == "group" else 0)  # the two 4.0s
+
+
 @pytest.mark.parametrize(("advantages", "kept_rows"), [
     ([0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 2.0, 0.0], 4),  # 3 non-zero, topped up to 4 = 2 minibatches of 2
     ([0.0] * 8, 2),  # none: one sample per minibatch
