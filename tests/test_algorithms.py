@@ -52,7 +52,7 @@ def log_probs_of(model, trajectory, config):
 def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, tiny_ddpm, tmp_path):
     run, trajectory = make_run(tiny_ddpm, algorithm_cls(), tmp_path, learning_rate=1e-5, batch_size=4, grad_accum=2)
     model = run.model
-    trajectory.advantages = torch.tensor([1.0, -1.0] * 4)
+    trajectory.advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 2.0, -0.5])
     policy = trajectory.policy_steps
     before = log_probs_of(model, trajectory, run.config)
     assert torch.equal(before[policy], trajectory.log_probs[policy])  # nothing changed yet: ratio exactly 1
@@ -63,7 +63,14 @@ def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, t
     change = torch.where(policy, after - before, torch.zeros_like(after)).sum(dim=1)
     assert (change[trajectory.advantages > 0] > 0).all() and (change[trajectory.advantages < 0] < 0).all(), change
     assert metrics["train/optimizer_steps"] == 1  # IS: 8 samples / (4 x grad_accum 2); SF: one per epoch
-    assert np.isfinite(list(metrics.values())).all()
+    # The one step comes after every pass, all of them at the sampling policy: ratio 1, so IS's loss is
+    # mean(-A) and SF's -mean(A log p_old) over every (sample, policy step).
+    assert metrics["policy/ratio_mean"] == 1 and metrics["policy/approx_kl"] == 0
+    assert metrics["policy/ratio_dev_first"] == 0
+    old = trajectory.log_probs.double()
+    expected = (-trajectory.advantages.double().mean() if algorithm_cls is DDPOImportanceSampling
+                else -(trajectory.advantages.double()[:, None] * old)[policy].mean())
+    assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
 
 
 def test_ppo_loss_is_clipped_outside_the_trust_region(tiny_ddpm, tmp_path):

@@ -147,6 +147,7 @@ def test_dpok_with_its_value_network_trains_the_tiny_sd3_pipeline(tiny_sd3, fork
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = read_metrics(tmp_path / "sd3")
     assert record["loss/value"] > 0 and record["policy/ratio_dev_first"] <= 1e-6, record
+    assert_loss_terms_add_up(record, kl_weight=0.01)
     assert (tmp_path / "sd3" / "checkpoints" / "epoch_0001" / "algorithm.pt").is_file()
 
 
@@ -338,6 +339,15 @@ def test_cli_rejects_a_bad_option_with_exit_2(forked_cli):
     assert "algorithm.ratio_clip" in result.stderr and "Traceback" not in result.stderr
 
 
+def assert_loss_terms_add_up(record, kl_weight):
+    """DPOK's logged terms: loss/total = loss/policy + loss/kl, and loss/kl = beta x policy/kl_to_reference (epoch
+    means over the same passes)."""
+    scale = max(abs(record["loss/policy"]), abs(record["loss/kl"]), 1e-12)
+    assert record["loss/total"] == pytest.approx(record["loss/policy"] + record["loss/kl"], abs=1e-5 * scale), record
+    assert record["loss/kl"] == pytest.approx(kl_weight * record["policy/kl_to_reference"], rel=1e-5), record
+    assert record["policy/kl_to_reference"] >= 0 and record["loss/value"] >= 0
+
+
 DPOK_TAGS = ["loss/policy", "loss/kl", "loss/value", "loss/total", "policy/kl_to_reference", "policy/approx_kl",
              "policy/ratio_mean", "policy/clipfrac", "policy/ratio_dev_first"]
 
@@ -353,8 +363,11 @@ def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, forked_cli, tmp_path):
     records = read_metrics(tmp_path / "sd")
     assert len(records) == 2
     for record in records:
-        assert all(isinstance(record[tag], float) for tag in DPOK_TAGS), record
+        assert set(DPOK_TAGS) <= record.keys(), record
+        assert_loss_terms_add_up(record, kl_weight=0.01)
         assert record["policy/ratio_dev_first"] < 1e-5
+        # 2 minibatches of 2 transitions, one optimizer step after each: the first at ratio 1, never clipped
+        assert record["policy/clipfrac"] in (0.0, 0.25, 0.5)
         assert record["train/optimizer_steps"] == 2  # 4 samples / train.batch_size 2, one trained step each
     assert records[0]["policy/kl_to_reference"] > 0  # the first step moved the LoRA policy off the reference
 

@@ -227,9 +227,17 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
                             "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "flow")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
+    # One group of 4, one optimizer step per epoch after all 3 steps' passes: every pass runs at the sampling
+    # policy (ratio 1), where the surrogate is mean(-A) = 0 for centred advantages. The first epoch's policy is the
+    # pretrained model (LoRA's B is 0 until the first step): KL exactly 0; the second's has moved away.
     for record in records:
-        assert record["policy/ratio_dev_first"] <= 1e-6 and record["loss/kl"] >= 0
-        assert "grpo/zero_std_groups" in record and "eval/compressibility/mean" in record
+        assert record["policy/ratio_dev_first"] <= 1e-6 and record["train/optimizer_steps"] == 1
+        assert record["grpo/zero_std_groups"] == 0 and record["grpo/trained_samples"] == 4
+        assert record["loss/policy"] == pytest.approx(0, abs=1e-6)
+        assert record["loss/total"] == pytest.approx(record["loss/policy"] + 0.04 * record["loss/kl"], abs=1e-7)
+        assert record["policy/kl_to_reference"] == record["loss/kl"]
+        assert record["eval/compressibility/mean"] < 0  # minus a JPEG size in kB
+    assert records[0]["loss/kl"] == 0 and records[1]["loss/kl"] > 0
     checkpoint = tmp_path / "flow" / "checkpoints" / "epoch_0002"
     ours = StableDiffusion3({"pretrained": str(tiny_sd3), "lora_rank": 4})
     ours.load(torch.device("cpu"), torch.float32)
