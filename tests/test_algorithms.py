@@ -1,4 +1,5 @@
-"""The algorithms' updates on real trajectories of a tiny pipeline, and the advantage math they consume."""
+"""The algorithms' updates on real trajectories of a tiny pipeline, the advantage math they consume, and the
+gradient clipping their optimizer steps apply."""
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def log_probs_of(model, trajectory, config):
 def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, tiny_ddpm, tmp_path):
     run, trajectory = make_run(tiny_ddpm, algorithm_cls(), tmp_path, learning_rate=1e-5, batch_size=4, grad_accum=2)
     model = run.model
-    trajectory.advantages = torch.tensor([1.0, -1.0] * 4)
+    trajectory.advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 2.0, -0.5])
     policy = trajectory.policy_steps
     before = log_probs_of(model, trajectory, run.config)
     assert torch.equal(before[policy], trajectory.log_probs[policy])  # nothing changed yet: ratio exactly 1
@@ -62,7 +63,14 @@ def test_an_update_makes_positive_advantage_actions_more_likely(algorithm_cls, t
     change = torch.where(policy, after - before, torch.zeros_like(after)).sum(dim=1)
     assert (change[trajectory.advantages > 0] > 0).all() and (change[trajectory.advantages < 0] < 0).all(), change
     assert metrics["train/optimizer_steps"] == 1  # IS: 8 samples / (4 x grad_accum 2); SF: one per epoch
-    assert np.isfinite(list(metrics.values())).all()
+    # The one step comes after every pass, all of them at the sampling policy: ratio 1, so IS's loss is
+    # mean(-A) and SF's -mean(A log p_old) over every (sample, policy step).
+    assert metrics["policy/ratio_mean"] == 1 and metrics["policy/approx_kl"] == 0
+    assert metrics["policy/ratio_dev_first"] == 0
+    old = trajectory.log_probs.double()
+    expected = (-trajectory.advantages.double().mean() if algorithm_cls is DDPOImportanceSampling
+                else -(trajectory.advantages.double()[:, None] * old)[policy].mean())
+    assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
 
 
 def test_ppo_loss_is_clipped_outside_the_trust_region(tiny_ddpm, tmp_path):
@@ -213,3 +221,46 @@ def test_a_stacked_pass_counts_its_positions_and_may_not_run_past_an_optimizer_s
     with pytest.raises(ValueError, match="a pass of 2 micro-steps after 3 of 4 runs past the optimizer step"):
         with accumulator.micro_step(2):
             pass
+
+
+@pytest.mark.parametrize("algorithm, module", [
+    (lambda: TemporalDPO({"critic_features": "pixels"}), "critic"),
+    (lambda: DPOK({"value_steps": 3, "value_micro_batches": 1, "value_batch_size": 16}), "value"),
+], ids=["tdpo-critic", "dpok-value"])
+def test_max_grad_norm_bounds_every_applied_step_in_the_raw_gradients_direction(algorithm, module, tiny_ddpm,
+                                                                                tmp_path):
+    """train.max_grad_norm = c clips each trained module on its own: every optimizer step applies
+    g min(1, c / |g|) with g the raw (unclipped) gradient of that module at that step, the policy and the module
+    the algorithm registered alike (TDPO's critic steps with the policy, DPOK's value network before it), and
+    train/grad_norm logs the policy's raw norm. The raw gradients come from the same update with c = 1e9;
+    recording optimizers leave the weights, so both updates see the same gradients."""
+    from test_rwr import GradientRecorder
+
+    def update(max_grad_norm):
+        instance = algorithm()
+        run, trajectory = make_run(tiny_ddpm, instance, tmp_path / str(max_grad_norm), batch_size=4, grad_accum=1,
+                                   max_grad_norm=max_grad_norm)
+        if instance.needs_reference:
+            run.model.prepare_reference()
+        torch.manual_seed(0)  # the critic's initial weights
+        instance.setup(run)
+        recorders = {name: GradientRecorder(run.modules[name].parameters()) for name in ("policy", module)}
+        for name, recorder in recorders.items():
+            run.modules[name].optimizer = recorder
+        trajectory.rewards = run.gathered_rewards = torch.tensor([0.3, 0.9, 0.1, 0.5, 0.8, 0.2, 0.7, 0.4])
+        trajectory.advantages = instance.compute_advantages(run, trajectory).clamp(-5, 5)
+        torch.manual_seed(1)  # the critic's dropout
+        metrics = instance.update(run, trajectory)
+        return {name: torch.stack(recorder.steps).double() for name, recorder in recorders.items()}, metrics
+
+    raw, _ = update(1e9)
+    norms = {name: steps.norm(dim=1) for name, steps in raw.items()}
+    limit = 0.5 * min(float(norm.max()) for norm in norms.values())  # every module has steps above it
+    clipped, metrics = update(limit)
+    for name in ("policy", module):
+        assert clipped[name].shape == raw[name].shape and len(raw[name]) >= 2, name
+        assert (norms[name] > limit).any(), name
+        expected = raw[name] * (limit / norms[name]).clamp(max=1)[:, None]
+        torch.testing.assert_close(clipped[name], expected, rtol=1e-4, atol=1e-6 * limit, msg=name)
+        assert float(clipped[name].norm(dim=1).max()) <= limit * (1 + 1e-5), name
+    assert metrics["train/grad_norm"] == pytest.approx(float(norms["policy"][-1]), rel=1e-5)

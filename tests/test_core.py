@@ -169,6 +169,25 @@ def test_groups_train_together_at_the_same_step():
         next(trajectory.training_transitions(3, torch.Generator(), group_size=2))
 
 
+def test_the_training_order_shuffles_the_samples_and_gives_each_its_own_step_order():
+    """DDPO's order: the samples are shuffled into minibatches, and each sample visits its steps in its own random
+    order, every (sample, step) once. Samples are told apart by their rewards."""
+    trajectory = full_trajectory(batch=8, steps=5)
+    identity = {round(float(reward), 6): row for row, reward in enumerate(trajectory.rewards)}
+    first_minibatches = set()
+    for seed in range(4):
+        batches = list(trajectory.training_transitions(4, torch.Generator().manual_seed(seed)))
+        assert len(batches) == 2 * 5
+        orders = {}
+        for transitions in batches:
+            for reward, step in zip(transitions.rewards.tolist(), transitions.steps.tolist(), strict=True):
+                orders.setdefault(identity[round(reward, 6)], []).append(step)
+        assert all(sorted(order) == list(range(5)) for order in orders.values()) and len(orders) == 8
+        assert len({tuple(order) for order in orders.values()}) >= 4, orders  # not one order shared by all
+        first_minibatches.add(frozenset(identity[round(reward, 6)] for reward in batches[0].rewards.tolist()))
+    assert len(first_minibatches) >= 3 and frozenset(range(4)) not in first_minibatches, first_minibatches
+
+
 def test_group_ids_are_unique_across_processes(tiny_ddpm):
     model = loaded(PixelDDPM, tiny_ddpm)
     config = SampleConfig(batch_size=4, batches_per_epoch=2, num_steps=2, eta=1.0, guidance_scale=1.0)
@@ -202,6 +221,47 @@ def test_clipped_surrogate_matches_a_float64_hand_computation_and_clipped_terms_
     assert log_prob.grad[1] == 0 and log_prob.grad[2] == 0
     assert log_prob.grad[0].item() == pytest.approx(-1.0 / 4) and log_prob.grad[3].item() == pytest.approx(-3 * 1.00005 / 4, rel=1e-5)
     assert torch.equal(ratio.detach(), log_prob.detach().exp())
+
+
+def test_ratio_statistics_match_hand_computations():
+    """policy/approx_kl = mean(log_ratio^2) / 2, policy/ratio_mean, policy/clipfrac = share of |rho - 1| > eps, each
+    an epoch mean weighted by the positions a pass stands for, and policy/ratio_dev_first = max |rho - 1| over the
+    first minibatch's transitions only."""
+    import math
+
+    from ddpo.core.policy import EpochStatistics
+
+    statistics = EpochStatistics()
+    first = [math.log(1.5), 0.0, math.log(0.9)]  # ratios 1.5, 1, 0.9: the first minibatch
+    later = [math.log(3.0), math.log(1.05)]  # ratios 3, 1.05, after a step, two positions stacked
+    statistics.add_ratio(torch.tensor(first), torch.zeros(3), 0.2, first_minibatch=True)
+    statistics.add_ratio(torch.tensor(later), torch.zeros(2), 0.2, first_minibatch=False, positions=2)
+    summary = statistics.summary()
+
+    def weighted(per_pass):  # the first pass counts once, the stacked one twice
+        return (per_pass[0] + 2 * per_pass[1]) / 3
+
+    approx_kl = [sum(x * x for x in first) / 6, sum(x * x for x in later) / 4]
+    assert summary["policy/approx_kl"] == pytest.approx(weighted(approx_kl), rel=1e-6)
+    assert summary["policy/ratio_mean"] == pytest.approx(weighted([3.4 / 3, 4.05 / 2]), rel=1e-6)
+    assert summary["policy/clipfrac"] == pytest.approx(weighted([1 / 3, 1 / 2]))
+    assert summary["policy/ratio_dev_first"] == pytest.approx(0.5, rel=1e-6)  # not 2.0, the later pass's
+
+
+def test_the_first_minibatch_is_exactly_the_passes_before_the_first_optimizer_step(tiny_ddpm, tmp_path):
+    """policy_passes flags the epoch's first minibatch (all its trained steps, stacked or not) and nothing after:
+    the passes whose ratio must be exactly 1."""
+    from test_algorithms import make_run
+
+    from ddpo.core.policy import policy_passes
+
+    for steps_per_pass, expected in ((1, [True] * 5 + [False] * 5), (2, [True] * 3 + [False] * 3)):
+        run, trajectory = make_run(tiny_ddpm, DDPOImportanceSampling(), tmp_path / str(steps_per_pass), batch_size=4,
+                                   grad_accum=1, steps_per_pass=steps_per_pass)
+        accumulator = run.accumulator(5)
+        flags = [first for _, first in policy_passes(run, trajectory, accumulator)]
+        assert flags == expected, steps_per_pass
+        assert accumulator.optimizer_steps == 2
 
 
 def test_registered_modules_and_their_optimizers_are_checkpointed(tiny_ddpm, tmp_path):

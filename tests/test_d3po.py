@@ -80,7 +80,9 @@ def test_the_clamp_stops_the_gradient_of_a_ratio_outside_one_plus_minus_eps():
                                  BETA, EPS)
     loss.backward()
     grad = log_prob.grad.tolist()
-    assert grad[0] == 0.0 and grad[2] == 0.0 and torch.isfinite(loss)
+    assert grad[0] == 0.0 and grad[2] == 0.0
+    softplus = [math.log1p(math.exp(-BETA * (math.log(1 + EPS) - loser))) for loser in (-0.05, 0.0)]
+    assert loss.item() == pytest.approx(sum(softplus) / 2, rel=1e-6)  # both winners at log(1 + eps)
     assert clamped.tolist() == [True, False, True, False]
 
     def loser_gradient(clamped_winner, loser):  # d/d(log p_l) of -log sigmoid(beta (w - l)), halved by the mean
@@ -182,16 +184,29 @@ D3PO_TAGS = ["d3po/preference_accuracy", "d3po/pairs", "d3po/margin", "d3po/clam
 
 
 def test_d3po_runs_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
+    """Two pairs, one optimizer step per epoch (tied pairs count). The first epoch runs entirely at the pretrained
+    weights (LoRA's B is 0 until the first step), so every judged pair is at ratio 1 to the reference: loss log 2,
+    margin 0, no preference, no clamp. The second runs after the step, away from the reference."""
     code = cli("run", "--algo", "d3po", "--reward", "compressibility", "--model", "sd14",
                "--set", f"model.pretrained={tiny_sd}", "--set", "sample.num_steps=2", "--set", "sample.batch_size=4",
-               "--set", "sample.batches_per_epoch=1", "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "sd")
+               "--set", "sample.batches_per_epoch=1", "--set", "train.grad_accum=2", "--epochs", "2",
+               "--logdir", str(tmp_path), "--run-name", "sd")
     assert code == 0
     records = read_metrics(tmp_path / "sd")
     assert len(records) == 2
     for record in records:
-        assert all(np.isfinite(record[tag]) for tag in D3PO_TAGS), record
+        assert set(D3PO_TAGS) <= record.keys(), record
         assert record["d3po/pairs"] in (1, 2)  # compressibility can tie on this tiny model
-        assert record["train/optimizer_steps"] == 2  # one step per pair, tied or not
+        assert record["train/optimizer_steps"] == 1  # 2 pairs, tied or not, x grad_accum 2
+        assert record["loss/total"] == record["loss/policy"] and record["policy/ratio_dev_first"] == 0
+    first, second = records
+    # The epoch mean over both pairs' micro-steps: log 2 for a judged pair, 0 for a tied one.
+    assert first["loss/policy"] == pytest.approx(math.log(2) * first["d3po/pairs"] / 2, rel=1e-6)
+    assert first["d3po/margin"] == 0 and first["d3po/preference_accuracy"] == 0
+    assert first["d3po/clamped_fraction"] == 0
+    assert second["d3po/margin"] != 0
+    # Each epoch trains at its own sampling policy until its one step: the ratio to it is 1 throughout.
+    assert all(record["policy/approx_kl"] == 0 and record["policy/ratio_mean"] == 1 for record in records)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""DPOK: its loss, KL estimates and clamp against float64 hand computations, the KL to the pretrained model at
-initialisation, the value network, and `ddpo run --algo dpok` end to end (tiny SD, digits learning, resume)."""
+"""DPOK: its loss, KL estimates and clamp against float64 hand computations, the gradient its KL term applies,
+the KL to the pretrained model at initialisation, the value network and its fit, and `ddpo run --algo dpok` end
+to end (tiny SD, digits learning, resume)."""
 
 
 import pytest
@@ -11,7 +12,7 @@ from ddpo.core.config import resolve_config
 from ddpo.core.critic import StepValueNetwork, prompt_vector
 from ddpo.core.errors import UsageError
 from ddpo.core.rollout import sample_batch
-from ddpo.core.policy import gaussian_kl
+from ddpo.core.policy import EpochStatistics, gaussian_kl
 from ddpo.core.run import Run
 from ddpo.plugins.algorithms.dpok import DPOK, dpok_loss, eps_mse_kl
 from ddpo.plugins.models.ddpm import PixelDDPM
@@ -101,6 +102,31 @@ def test_value_network_shapes_prompt_input_and_step_gates():
         conditional(sample, steps, embeds)
 
 
+def test_value_network_is_valuemultis_forward_by_hand():
+    """DPOK's ValueMulti (reward_model.py): h_0 = [flatten(x_t), prompt], h_{i+1} = ReLU((W_i h_i + b_i) * g_i[k]) for
+    three step-gated layers, V = w . h_3 + c; in float64 (Python floats) from the network's own weights, for a
+    prompt input that matters and pre-activations of both signs."""
+    torch.manual_seed(0)
+    network = StepValueNetwork((2, 3, 3), prompt_dim=5, num_steps=4, hidden_size=6)
+    sample, prompts = torch.randn(7, 2, 3, 3), 3 * torch.randn(7, 5)
+    steps = torch.tensor([0, 1, 2, 3, 3, 2, 1])
+    values = network(sample, steps, prompts)
+    rows = []
+    for row in range(7):
+        hidden = sample[row].flatten().tolist() + prompts[row].tolist()
+        for layer in network.layers:
+            weight, bias = layer.linear.weight.tolist(), layer.linear.bias.tolist()
+            gate = layer.gate.weight[steps[row]].tolist()
+            hidden = [max(0.0, (sum(w * h for w, h in zip(weights, hidden)) + b) * g)
+                      for weights, b, g in zip(weight, bias, gate)]
+        output = network.output.weight[0].tolist()
+        rows.append(sum(w * h for w, h in zip(output, hidden)) + network.output.bias.item())
+    assert values.tolist() == pytest.approx(rows, rel=1e-5, abs=1e-6)
+    pre = network.layers[0](torch.cat([sample.flatten(1), prompts], dim=1), steps)
+    assert (pre < 0).any() and (pre > 0).any()  # ReLU has something to cut
+    assert not torch.allclose(values, network(sample, steps, torch.zeros_like(prompts)))
+
+
 def test_prompt_vector_of_sd3s_two_embeddings_is_the_token_mean_then_the_pooled_vector():
     embeds, pooled = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
     vector = prompt_vector({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
@@ -121,6 +147,7 @@ def test_dpok_with_its_value_network_trains_the_tiny_sd3_pipeline(tiny_sd3, fork
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = read_metrics(tmp_path / "sd3")
     assert record["loss/value"] > 0 and record["policy/ratio_dev_first"] <= 1e-6, record
+    assert_loss_terms_add_up(record, kl_weight=0.01)
     assert (tmp_path / "sd3" / "checkpoints" / "epoch_0001" / "algorithm.pt").is_file()
 
 
@@ -163,6 +190,71 @@ def test_kl_to_the_reference_is_exactly_zero_after_setup(use_lora, tiny_sd, tmp_
     assert run.modules["value"].module.prompt_dim == model.encode_prompts([""]).shape[-1]
 
 
+def hand_ddim_mean(scheduler, model_output, timesteps, prev_timesteps, sample, eta):
+    """DESIGN.md §7's DDIM step mean and std for epsilon outputs, from alphas_cumprod in float64 (gradient through
+    `model_output`): x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t), sigma = eta sqrt((1 - a_p) / (1 - a_t))
+    sqrt(1 - a_t / a_p), mu = sqrt(a_p) x0 + sqrt(1 - a_p - sigma^2) eps."""
+    alphas = scheduler.alphas_cumprod.double()
+    final = torch.tensor(float(scheduler.final_alpha_cumprod), dtype=torch.float64)
+    alpha_t = alphas[timesteps].reshape(-1, 1, 1, 1)
+    alpha_prev = torch.stack([alphas[p] if p >= 0 else final for p in prev_timesteps.tolist()]).reshape(-1, 1, 1, 1)
+    eps, x = model_output.double(), sample.double()
+    original = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    return alpha_prev.sqrt() * original + (1 - alpha_prev - sigma**2).sqrt() * eps, sigma
+
+
+@pytest.mark.parametrize("kl_mode", ["eps-mse", "gaussian"])
+def test_kl_term_applies_the_gradient_of_the_hand_kl(kl_mode, tiny_sd, tmp_path):
+    """With every advantage 0 the reward term has no gradient, so DPOK's update applies beta times the gradient of
+    the mean KL over the trained transitions, here autograd on the KL written from the guided outputs (w = 7.5)
+    of the LoRA policy (with gradient) and of the pretrained model: eps-mse the element mean of their squared
+    difference (the official code), gaussian ||mu - mu_ref||^2 / (2 sigma_t^2) per element with the DDIM means
+    and sigma_t computed by hand. One optimizer step takes the epoch (4 samples x 3 steps), unclipped; the
+    recording optimizer leaves the weights. A detached KL term applies 0; the other mode's KL another gradient."""
+    from test_rwr import GradientRecorder
+
+    model = StableDiffusion({"pretrained": str(tiny_sd)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    with torch.no_grad():  # LoRA's B starts at 0, where the KL and its gradient are 0: move the adapters
+        generator = torch.Generator().manual_seed(3)
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    algorithm = DPOK({"value_baseline": False, "kl_mode": kl_mode, "kl_weight": 0.5})
+    run, trajectory = make_run(model, algorithm, tmp_path, num_steps=3, prompts=["a cat", "a dog"] * 2,
+                               sets=["train.batch_size=2", "train.grad_accum=2", "train.timestep_fraction=1.0",
+                                     "train.max_grad_norm=1e9"])
+    parameters = model.trainable_parameters()
+    recorder = run.modules["policy"].optimizer = GradientRecorder(parameters)
+    trajectory.advantages = torch.zeros(4)
+    assert trajectory.policy_steps.all()
+    kls = []
+    for step in range(3):
+        transitions = trajectory.transitions(torch.full((4,), step))
+        output = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 7.5)
+        with torch.no_grad(), model.reference():
+            reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 7.5)
+        if kl_mode == "eps-mse":
+            kls.append(((output.double() - reference.double()) ** 2).flatten(1).mean(dim=1))
+        else:
+            arguments = (transitions.timesteps, transitions.prev_timesteps, transitions.sample, 1.0)
+            mean, sigma = hand_ddim_mean(model.scheduler, output, *arguments)
+            reference_mean, _ = hand_ddim_mean(model.scheduler, reference, *arguments)
+            kls.append(((mean - reference_mean) ** 2 / (2 * sigma**2)).flatten(1).mean(dim=1))
+    kl = torch.cat(kls).mean()
+    hand = torch.cat([gradient.flatten() for gradient in torch.autograd.grad(0.5 * kl, parameters)])
+
+    metrics = algorithm.update(run, trajectory)
+
+    (applied,) = recorder.steps
+    assert metrics["train/optimizer_steps"] == 1 and metrics["loss/policy"] == 0
+    assert metrics["policy/kl_to_reference"] == pytest.approx(float(kl), rel=1e-4)
+    assert metrics["loss/kl"] == pytest.approx(0.5 * float(kl), rel=1e-4)
+    assert float(hand.norm()) > 1e-3
+    torch.testing.assert_close(applied.double(), hand.double(), rtol=1e-3, atol=1e-4 * float(hand.abs().max()))
+
+
 def test_equal_rewards_without_baseline_give_no_policy_gradient(tiny_ddpm, tmp_path):
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)
@@ -203,6 +295,35 @@ def test_value_is_fitted_before_the_policy_step_and_gives_per_step_advantages(ti
     assert {"loss/value", "loss/policy", "loss/kl", "loss/total", "policy/kl_to_reference"} <= metrics.keys()
 
 
+def test_value_fit_reads_each_state_with_its_own_step_and_advantages_are_clipped(tiny_ddpm, tmp_path):
+    """The value network is fitted on (x_t, k) pairs where x_t is the state step k leaves, at policy steps only;
+    the per-step advantages r - V(x_t, k) are clipped to +-advantage.clip_max (5) like every advantage, which
+    rewards of +-50 reach."""
+    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    algorithm = DPOK({"value_steps": 2, "value_batch_size": 16, "value_micro_batches": 1})
+    run, trajectory = make_run(model, algorithm, tmp_path)
+    trajectory.rewards = torch.tensor([50.0, -50.0, 0.5, -1.0])
+    value = run.modules["value"].module
+    seen = []
+    handle = value.register_forward_hook(lambda module, inputs, output: seen.append(inputs))
+    algorithm._fit_value(run, trajectory, EpochStatistics())
+    handle.remove()
+    policy = set(trajectory.policy_steps[0].nonzero().flatten().tolist())
+    assert len(seen) == 2
+    for states, steps, _ in seen:
+        for state, step in zip(states, steps.tolist(), strict=True):
+            assert step in policy
+            assert any(torch.equal(state, trajectory.latents[b, step]) for b in range(4)), step
+    advantages = algorithm._baselined_advantages(run, trajectory)
+    with torch.no_grad():
+        values = torch.stack([value(trajectory.latents[:, k], torch.full((4,), k), None) for k in range(4)], dim=1)
+    expected = (trajectory.rewards[:, None] - values).clamp(-5, 5)
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert (advantages[0] == 5).all() and (advantages[1] == -5).all()
+
+
 # -- the command line -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting", ["algorithm.reward_weight=-1", "algorithm.kl_weight=-0.1",
@@ -216,6 +337,15 @@ def test_cli_rejects_a_bad_option_with_exit_2(forked_cli):
     result = forked_cli.run("run", "--algo", "dpok", "--set", "algorithm.ratio_clip=-1e-4", "--epochs", "1")
     assert result.returncode == 2
     assert "algorithm.ratio_clip" in result.stderr and "Traceback" not in result.stderr
+
+
+def assert_loss_terms_add_up(record, kl_weight):
+    """DPOK's logged terms: loss/total = loss/policy + loss/kl, and loss/kl = beta x policy/kl_to_reference (epoch
+    means over the same passes)."""
+    scale = max(abs(record["loss/policy"]), abs(record["loss/kl"]), 1e-12)
+    assert record["loss/total"] == pytest.approx(record["loss/policy"] + record["loss/kl"], abs=1e-5 * scale), record
+    assert record["loss/kl"] == pytest.approx(kl_weight * record["policy/kl_to_reference"], rel=1e-5), record
+    assert record["policy/kl_to_reference"] >= 0 and record["loss/value"] >= 0
 
 
 DPOK_TAGS = ["loss/policy", "loss/kl", "loss/value", "loss/total", "policy/kl_to_reference", "policy/approx_kl",
@@ -233,8 +363,11 @@ def test_dpok_runs_on_tiny_sd_and_logs_its_tags(tiny_sd, forked_cli, tmp_path):
     records = read_metrics(tmp_path / "sd")
     assert len(records) == 2
     for record in records:
-        assert all(isinstance(record[tag], float) for tag in DPOK_TAGS), record
+        assert set(DPOK_TAGS) <= record.keys(), record
+        assert_loss_terms_add_up(record, kl_weight=0.01)
         assert record["policy/ratio_dev_first"] < 1e-5
+        # 2 minibatches of 2 transitions, one optimizer step after each: the first at ratio 1, never clipped
+        assert record["policy/clipfrac"] in (0.0, 0.25, 0.5)
         assert record["train/optimizer_steps"] == 2  # 4 samples / train.batch_size 2, one trained step each
     assert records[0]["policy/kl_to_reference"] > 0  # the first step moved the LoRA policy off the reference
 

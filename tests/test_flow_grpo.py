@@ -1,6 +1,7 @@
-"""Flow matching and GRPO: the flow-SDE step against diffusers' Euler step and a float64 hand computation, the
-SD3 model plugin on a tiny pipeline, group-relative advantages, groups that span batches and processes, and
-`grpo` learning on the digits task."""
+"""Flow matching and GRPO: the flow-SDE step against diffusers' Euler step, a float64 hand computation and the
+exact marginals of rectified flow, the SD3 model plugin on a tiny pipeline, group-relative advantages, groups that
+span batches and processes, the KL term's value and gradient against Flow-GRPO's kl_loss, and `grpo` learning on
+the digits task."""
 
 import json
 import math
@@ -63,6 +64,97 @@ def test_flow_sde_log_prob_equals_a_float64_hand_computation(index):
     expected = hand_flow_log_prob(sigma, sigma_next, velocity, sample, prev_sample, 0.7)
     assert torch.allclose(log_prob.double(), expected, rtol=1e-4, atol=1e-4)
     assert index != 0 or sigma == 1.0  # the first step exercises the sigma = 1 case
+
+
+# The flow SDE against the exact marginals of rectified flow. For a single data point x_0 the marginal at sigma is
+# x = (1 - sigma) x_0 + sigma z, z ~ N(0, 1), and the exact velocity of its ODE is E[z - x_0 | x] = (x - x_0) / sigma.
+
+def exact_marginal_steps(scheduler, x0, sigma, sigma_next, draws, noise_level, generator):
+    """x_sigma drawn from the exact marginal `draws` times per step, for steps (sigma[k] -> sigma_next[k]), and one
+    SDE step of each with its exact velocity, batched: returns x_sigma' (K, draws, *x0.shape) float64."""
+    count = len(sigma)
+    shape = (count * draws, *x0.shape)
+    sigmas = sigma.repeat_interleave(draws).reshape(-1, *[1] * x0.ndim)
+    sample = (1 - sigmas) * x0 + sigmas * torch.randn(shape, generator=generator, dtype=torch.float64)
+    velocity = (sample - x0) / sigmas
+    moved, *_ = flow_sde_step_with_logprob(scheduler, velocity, sigma.repeat_interleave(draws) * 1000, sample,
+                                           noise_level=noise_level, generator=generator,
+                                           prev_timestep=sigma_next.repeat_interleave(draws) * 1000)
+    return moved.double().reshape(count, draws, *x0.shape)
+
+
+@pytest.mark.parametrize("noise_level", [0.7, 0.3])
+def test_flow_sde_step_from_the_exact_marginal_has_its_mean_and_the_steps_variance(noise_level):
+    """Monte Carlo over 4,000 draws of 64 elements per step, every step of a 10-step shift-3 schedule (sigma = 1
+    first, sigma' = 0 last), float64. Written out for the exact marginal, x + (1 - sigma) v = z, so the SDE step
+    (DESIGN.md §7, with s = eta sqrt(sigma / (1 - sigma)), sigma' for sigma in it at sigma = 1, dt = sigma' - sigma)
+    gives
+        x' = (1 - sigma') x_0 + (sigma' + s^2 dt / (2 sigma)) z + s sqrt(-dt) xi
+    The mean is the marginal's, (1 - sigma') x_0, exactly. The variance is the marginal's sigma'^2 plus
+    s^2 dt^2 / sigma + s^4 dt^2 / (4 sigma^2), the one-step error of discretising an SDE that keeps the marginals
+    in continuous time (O(dt^2); the test below shows it vanish under refinement): large on this coarse grid
+    (0.058 instead of 8e-5 at sigma' = 0.009), so a single step does NOT land on N((1 - sigma') x_0, sigma'^2)."""
+    scheduler = flow_scheduler()
+    sigma, sigma_next = scheduler.sigmas[:-1].double(), scheduler.sigmas[1:].double()
+    assert sigma[0] == 1 and sigma_next[-1] == 0
+    x0 = 1.5 * torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    draws = 4000
+    moved = exact_marginal_steps(scheduler, x0, sigma.float(), sigma_next.float(), draws, noise_level,
+                                 torch.Generator().manual_seed(0))
+    for step, (s, s_next) in enumerate(zip(sigma.tolist(), sigma_next.tolist(), strict=True)):
+        dt = s_next - s
+        level = noise_level**2 * s / (1 - (s_next if s == 1 else s))  # s^2
+        variance = s_next**2 + level * dt**2 / s + level**2 * dt**2 / (4 * s**2)
+        residual = moved[step] - (1 - s_next) * x0
+        error = residual.mean(dim=0).abs().max().item()
+        assert error <= 5 * math.sqrt(variance / draws), (step, error)
+        pooled = residual.var(dim=0, unbiased=True).mean().item()
+        assert pooled == pytest.approx(variance, rel=5 * math.sqrt(2 / (draws * x0.numel()))), (step, pooled, variance)
+
+
+def propagate_exact_marginal(scheduler, x0, sigma, sigma_next, substeps, noise_level):
+    """N((1 - sigma) x_0, sigma^2) pushed from each sigma to its sigma' through `substeps` equal SDE steps with the
+    exact velocity, without sampling: with v = (x - x_0) / sigma a step's mean is affine in x, so a Gaussian stays
+    Gaussian, its new mean the step's mean at the old one and its variance slope^2 V + std^2, the slope read off the
+    step's means at m and m + 1. Returns (means (K, *x0.shape), variances (K,)) float64 at the sigma'."""
+    count = len(sigma)
+    grid = sigma[:, None] + (sigma_next - sigma)[:, None] * torch.arange(substeps + 1, dtype=torch.float64) / substeps
+    shaped = [1] * x0.ndim
+    mean = (1 - sigma).reshape(-1, *shaped) * x0
+    variance = sigma**2
+    for k in range(substeps):
+        here, there = grid[:, k].repeat(2), grid[:, k + 1].repeat(2)
+        sample = torch.cat([mean, mean + 1])
+        _, _, moved, std = flow_sde_step_with_logprob(scheduler, (sample - x0) / here.reshape(-1, *shaped),
+                                                      here * 1000, sample, noise_level=noise_level,
+                                                      prev_timestep=there * 1000)
+        slope = (moved[count:] - moved[:count]).double().flatten(1).mean(dim=1)
+        mean, variance = moved[:count].double(), slope**2 * variance + std[:count].double().flatten() ** 2
+    return mean, variance
+
+
+@pytest.mark.parametrize("noise_level", [0.7, 0.3])
+def test_flow_sde_keeps_the_exact_marginals_as_its_steps_shrink(noise_level):
+    """The SDE has the ODE's marginals (Flow-GRPO's construction): from N((1 - sigma) x_0, sigma^2) with the exact
+    velocity, n steps from sigma to sigma' end at mean (1 - sigma') x_0 for every n, and at a variance whose excess
+    over sigma'^2 vanishes as n grows: like 1/n (first order) on every step of the schedule with sigma < 1, the last
+    (sigma' = 0) included; more slowly from sigma = 1, where the noise eta^2 sigma / (1 - sigma) is unbounded and the
+    scheme puts sigma' in its place. A drift with another score weight or sign converges to another variance."""
+    scheduler = flow_scheduler()
+    sigma, sigma_next = scheduler.sigmas[:-1].double(), scheduler.sigmas[1:].double()
+    x0 = torch.tensor([1.5, -0.7, 0.2, -2.0], dtype=torch.float64).reshape(1, 2, 2)
+    excess = {}
+    for substeps in (1, 4, 16, 64, 256):
+        mean, variance = propagate_exact_marginal(scheduler, x0, sigma, sigma_next, substeps, noise_level)
+        assert torch.allclose(mean, (1 - sigma_next).reshape(-1, 1, 1, 1) * x0, atol=1e-5), substeps
+        excess[substeps] = variance - sigma_next**2
+    assert (excess[1] > 0).all()
+    interior = sigma < 1
+    assert (excess[256][interior] < excess[1][interior] / 50).all(), (excess[1], excess[256])
+    assert (excess[64][interior] < excess[4][interior] / 8).all(), (excess[4], excess[64])  # first order: /16
+    assert (excess[256][interior] <= 2e-4).all(), excess[256]  # (float32 steps: ~1e-5 is rounding)
+    from_one = [float(excess[n][0]) for n in (4, 16, 64, 256)]
+    assert from_one == sorted(from_one, reverse=True) and from_one[-1] < 0.6 * from_one[0], from_one
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +227,17 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
                             "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "flow")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
+    # One group of 4, one optimizer step per epoch after all 3 steps' passes: every pass runs at the sampling
+    # policy (ratio 1), where the surrogate is mean(-A) = 0 for centred advantages. The first epoch's policy is the
+    # pretrained model (LoRA's B is 0 until the first step): KL exactly 0; the second's has moved away.
     for record in records:
-        assert record["policy/ratio_dev_first"] <= 1e-6 and record["loss/kl"] >= 0
-        assert "grpo/zero_std_groups" in record and "eval/compressibility/mean" in record
+        assert record["policy/ratio_dev_first"] <= 1e-6 and record["train/optimizer_steps"] == 1
+        assert record["grpo/zero_std_groups"] == 0 and record["grpo/trained_samples"] == 4
+        assert record["loss/policy"] == pytest.approx(0, abs=1e-6)
+        assert record["loss/total"] == pytest.approx(record["loss/policy"] + 0.04 * record["loss/kl"], abs=1e-7)
+        assert record["policy/kl_to_reference"] == record["loss/kl"]
+        assert record["eval/compressibility/mean"] < 0  # minus a JPEG size in kB
+    assert records[0]["loss/kl"] == 0 and records[1]["loss/kl"] > 0
     checkpoint = tmp_path / "flow" / "checkpoints" / "epoch_0002"
     ours = StableDiffusion3({"pretrained": str(tiny_sd3), "lora_rank": 4})
     ours.load(torch.device("cpu"), torch.float32)
@@ -205,7 +305,7 @@ def grpo_run(model, tmp_path, *sets):
 def flow_grpo_kl(sigma, sigma_next, sigma_max, sample, velocity, reference_velocity, noise_level):
     """Flow-GRPO's kl_loss of one sample at one step (scripts/train_sd3.py:895 with sd3_sde_with_logprob.py:42-50),
     in float64: the squared difference of the two SDE means over 2 std_dev_t², std_dev_t the noise level's std
-    (no sqrt(|dt|))."""
+    (no sqrt(|dt|)). A 0-d tensor, with gradient if `velocity` has one."""
     x, v, v_ref = sample.double(), velocity.double(), reference_velocity.double()
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigma_max if sigma == 1 else sigma))) * noise_level
@@ -213,7 +313,7 @@ def flow_grpo_kl(sigma, sigma_next, sigma_max, sample, velocity, reference_veloc
     def mean(u):
         return x * (1 + std_dev_t**2 / (2 * sigma) * dt) + u * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
 
-    return float(((mean(v) - mean(v_ref)) ** 2).mean() / (2 * std_dev_t**2))
+    return ((mean(v) - mean(v_ref)) ** 2).mean() / (2 * std_dev_t**2)
 
 
 def test_grpo_kl_on_the_flow_sde_is_flow_grpos_kl_loss(tiny_sd3, tmp_path):
@@ -237,13 +337,56 @@ def test_grpo_kl_on_the_flow_sde_is_flow_grpos_kl_loss(tiny_sd3, tmp_path):
                 reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
                                                 4.5)
             for sample in range(4):
-                expected.append(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
-                                             transitions.sample[sample], velocity[sample], reference[sample], 0.7))
+                expected.append(float(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
+                                                   transitions.sample[sample], velocity[sample], reference[sample],
+                                                   0.7)))
 
     metrics = run.algorithm.update(run, trajectory)
 
     assert min(expected) > 0
     assert metrics["loss/kl"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def flat(gradients):
+    return torch.cat([gradient.flatten() for gradient in gradients])
+
+
+def test_grpo_kl_term_applies_the_gradient_of_flow_grpos_kl(tiny_sd3, tmp_path):
+    """With every advantage 0 the clipped surrogate has no gradient, so the update applies beta times the gradient
+    of the mean kl_loss over the trained (sample, step) pairs: here autograd on Flow-GRPO's kl_loss written from
+    the policy's velocity (with gradient) and the reference's. One optimizer step takes the whole epoch (4 samples
+    x 3 steps), unclipped; the recording optimizer leaves the weights, so every micro-step sees the same policy.
+    A detached KL term, or one of the wrong sign or units, applies another gradient."""
+    from test_rwr import GradientRecorder
+
+    model = trained_sd3(tiny_sd3)
+    run = grpo_run(model, tmp_path, "sample.num_steps=3", "train.batch_size=2", "train.grad_accum=2",
+                   "train.max_grad_norm=1e9", "algorithm.kl_beta=0.04")
+    parameters = model.trainable_parameters()
+    recorder = run.modules["policy"].optimizer = GradientRecorder(parameters)
+    trajectory, _ = sample_batch(model, ["a cat", "a cat", "a dog", "a dog"], [{}] * 4, num_steps=3, eta=0.7,
+                                 guidance_scale=4.5, generator=torch.Generator().manual_seed(0))
+    trajectory.advantages = torch.zeros(4)
+    assert trajectory.policy_steps.all()  # every step of the flow SDE is trained, the last (to sigma 0) too
+    sigmas = model.scheduler.sigmas.double()
+    kls = []
+    for step in range(3):
+        transitions = trajectory.transitions(torch.full((4,), step))
+        velocity = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 4.5)
+        with torch.no_grad(), model.reference():
+            reference = model.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds, 4.5)
+        kls.extend(flow_grpo_kl(float(sigmas[step]), float(sigmas[step + 1]), float(sigmas[1]),
+                                transitions.sample[sample], velocity[sample], reference[sample], 0.7)
+                   for sample in range(4))
+    hand = flat(torch.autograd.grad(0.04 * torch.stack(kls).mean(), parameters))
+
+    metrics = run.algorithm.update(run, trajectory)
+
+    (applied,) = recorder.steps
+    assert metrics["train/optimizer_steps"] == 1 and metrics["loss/policy"] == 0
+    assert metrics["loss/kl"] == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4)
+    assert float(hand.norm()) > 1e-3
+    torch.testing.assert_close(applied.double(), hand.double(), rtol=1e-3, atol=1e-4 * float(hand.abs().max()))
 
 
 @pytest.mark.parametrize(("name", "detach"), [("sd14", False), ("sd3", True), ("sd3", False)])
@@ -306,6 +449,31 @@ def test_flow_grpo_groups_by_prompt_with_the_global_std():
     assert advantages == pytest.approx([(1 - cats) / std, (3 - cats) / std, (2 - dogs) / std, (6 - cats) / std,
                                         (0.5 - dogs) / std, (0.5 - dogs) / std])
     assert flat == 0
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+@pytest.mark.parametrize("group_by", ["group", "prompt"])
+def test_grpo_advantages_follow_its_options(global_std, group_by, tiny_ddpm, tmp_path):
+    """The algorithm's advantages of this process's samples, from every process's rewards, by hand: (r - mean of the
+    group) / (std + 1e-4), the group the sampled group or the prompt, the std the group's or the epoch's."""
+    from test_algorithms import make_run
+
+    from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+
+    algorithm = GroupRelativePolicyOptimization({"group_size": 2, "global_std": global_std, "group_by": group_by})
+    run, trajectory = make_run(tiny_ddpm, algorithm, tmp_path, batch_size=4, grad_accum=1)
+    rewards = [1.0, 3.0, 2.0, 6.0, 0.5, 0.7, 4.0, 4.0]
+    prompts = ["cat", "cat", "dog", "dog", "cat", "cat", "dog", "dog"]
+    trajectory.group_ids = torch.arange(8) // 2
+    run.gathered_rewards, run.gathered_prompts = torch.tensor(rewards), prompts
+    groups = [index // 2 for index in range(8)] if group_by == "group" else prompts
+    expected = []
+    for index, reward in enumerate(rewards):
+        members = np.array([r for r, g in zip(rewards, groups) if g == groups[index]])
+        std = np.std(rewards) if global_std else members.std()
+        expected.append((reward - members.mean()) / (std + 1e-4))
+    assert algorithm.compute_advantages(run, trajectory).tolist() == pytest.approx(expected, rel=1e-6)
+    assert algorithm.zero_std_groups == (1 if group_by == "group" else 0)  # the two 4.0s
 
 
 @pytest.mark.parametrize(("advantages", "kept_rows"), [

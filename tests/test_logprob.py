@@ -57,8 +57,8 @@ def test_ddim_clip_sample_and_batched_timesteps_match_diffusers():
         assert torch.allclose(mean[row:row + 1] + std[row:row + 1] * noise[row:row + 1], expected, atol=1e-5)
 
 
-def hand_log_prob(scheduler, model_output, timestep, sample, prev_sample, eta):
-    """DESIGN.md §7 in float64, element by element, from the scheduler's alphas."""
+def hand_mean_of(scheduler, model_output, timestep, sample, eta=1.0):
+    """DESIGN.md §7's DDIM mean and sigma_t in float64 from the scheduler's alphas (epsilon prediction, no clip)."""
     alphas = scheduler.alphas_cumprod.double()
     previous = int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = alphas[int(timestep)]
@@ -66,7 +66,12 @@ def hand_log_prob(scheduler, model_output, timestep, sample, prev_sample, eta):
     eps, x = model_output.double(), sample.double()
     original = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
     sigma = eta * math.sqrt((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev))
-    mean = alpha_prev.sqrt() * original + (1 - alpha_prev - sigma**2).sqrt() * eps
+    return alpha_prev.sqrt() * original + (1 - alpha_prev - sigma**2).sqrt() * eps, sigma
+
+
+def hand_log_prob(scheduler, model_output, timestep, sample, prev_sample, eta):
+    """DESIGN.md §7 in float64, element by element, from the scheduler's alphas."""
+    mean, sigma = hand_mean_of(scheduler, model_output, timestep, sample, eta)
     densities = -((prev_sample.double() - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
     return densities.flatten(1).mean(dim=1)
 
@@ -88,25 +93,43 @@ def test_ddim_log_prob_equals_float64_hand_computation(eta):
 
 
 def test_log_prob_is_mean_over_elements_and_gradient_flows_through_mean_only():
+    """The gradient with respect to the model output is the hand one for a fixed x_{t-1}: d log p / d eps =
+    (x_{t-1} - mu) / sigma^2 * d mu / d eps / n over the n elements, d mu / d eps = sqrt(1 - a_p - sigma^2)
+    - sqrt(a_p) sqrt(1 - a_t) / sqrt(a_t). Were x_{t-1} = mu + sigma z not detached, x_{t-1} - mu would not depend
+    on eps and the gradient would vanish."""
     scheduler = ddim()
     model_output, sample, _ = random_inputs()
     model_output.requires_grad_(True)
-    prev_sample, log_prob, mean, std = ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[2],
-                                                              sample, eta=1.0)
+    timestep = scheduler.timesteps[2]
+    prev_sample, log_prob, mean, std = ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0)
     assert not prev_sample.requires_grad
-    expected = hand_log_prob(scheduler, model_output.detach(), scheduler.timesteps[2], sample, prev_sample, 1.0)
+    expected = hand_log_prob(scheduler, model_output.detach(), timestep, sample, prev_sample, 1.0)
     assert torch.allclose(log_prob.double(), expected, atol=1e-5)  # the mean over elements, not the sum
     log_prob.sum().backward()
-    assert model_output.grad is not None and model_output.grad.abs().sum() > 0
+    alphas = scheduler.alphas_cumprod.double()
+    alpha_t, alpha_prev = alphas[int(timestep)], alphas[int(timestep) - 1000 // 20]
+    sigma2 = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    slope = (1 - alpha_prev - sigma2).sqrt() - alpha_prev.sqrt() * (1 - alpha_t).sqrt() / alpha_t.sqrt()
+    hand_mean, _ = hand_mean_of(scheduler, model_output.detach(), timestep, sample)
+    hand_gradient = (prev_sample.double() - hand_mean) / sigma2 * slope / model_output[0].numel()
+    assert torch.allclose(model_output.grad.double(), hand_gradient, rtol=1e-4, atol=1e-7)
+    assert hand_gradient.abs().max() > 1e-4
 
 
 def test_math_runs_in_float32_for_half_inputs():
+    """Half inputs give exactly the float32 step of the same (half-rounded) values, the drawn x_{t-1} rounded to
+    half afterwards; not a step computed in half precision."""
     scheduler = ddim()
     model_output, sample, _ = random_inputs()
     prev_sample, log_prob, mean, _ = ddim_step_with_logprob(scheduler, model_output.half(), scheduler.timesteps[2],
-                                                            sample.half(), eta=1.0)
+                                                            sample.half(), eta=1.0,
+                                                            generator=torch.Generator().manual_seed(0))
     assert mean.dtype == torch.float32 and log_prob.dtype == torch.float32 and prev_sample.dtype == torch.float16
-    assert torch.isfinite(log_prob).all()
+    full, full_log_prob, full_mean, _ = ddim_step_with_logprob(scheduler, model_output.half().float(),
+                                                               scheduler.timesteps[2], sample.half().float(),
+                                                               eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mean, full_mean) and torch.equal(log_prob, full_log_prob)
+    assert torch.equal(prev_sample, full.half())
 
 
 def test_zero_variance_steps_have_undefined_log_prob():
@@ -117,8 +140,14 @@ def test_zero_variance_steps_have_undefined_log_prob():
     model_output, sample, _ = random_inputs()
     _, log_prob, _, std = ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[-1], sample, eta=1.0)
     assert float(std.max()) == 0 and torch.isnan(log_prob).all()
-    _, log_prob, _, std = ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[-2], sample, eta=1.0)
-    assert float(std.min()) > 0 and torch.isfinite(log_prob).all()
+    prev_sample, log_prob, mean, std = ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[-2],
+                                                              sample, eta=1.0)
+    alphas = scheduler.alphas_cumprod.double()  # the step before lands on t = 0, not on alpha = 1
+    alpha_t, alpha_prev = alphas[int(scheduler.timesteps[-2])], alphas[0]
+    sigma = math.sqrt((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev))
+    assert float(std) == pytest.approx(sigma, rel=1e-5)
+    density = torch.distributions.Normal(mean.double(), sigma).log_prob(prev_sample.double()).flatten(1).mean(dim=1)
+    assert torch.allclose(log_prob.double(), density, rtol=1e-5)
     _, log_prob, _, _ = ddim_step_with_logprob(scheduler, model_output, scheduler.timesteps[2], sample, eta=0.0)
     assert torch.isnan(log_prob).all()
 

@@ -62,11 +62,24 @@ def test_rewards_overlap_the_sampling_of_the_next_batch(ddpm_model):
     assert torch.allclose(trajectory.rewards, images.mean(dim=(1, 2, 3)))
 
 
+def recomputed_log_probs(model, trajectory, eta):
+    """(B, T) each step's log-probability recomputed from the recorded step (0 where it is not a policy step)."""
+    columns = []
+    with torch.no_grad():
+        for step in range(trajectory.num_steps):
+            log_prob, *_ = model.step_log_prob(trajectory.transitions(torch.full((trajectory.batch_size,), step)),
+                                               eta, 1.0)
+            columns.append(torch.where(trajectory.policy_steps[:, step], log_prob, torch.zeros_like(log_prob)))
+    return torch.stack(columns, dim=1)
+
+
 def test_ddim_from_a_ddpm_config_keeps_the_deterministic_last_step_out(ddpm_model):
     trajectory, _ = sample_batch(ddpm_model, [""] * 3, [{}] * 3, num_steps=10, eta=1.0, guidance_scale=1.0,
                                  generator=torch.Generator().manual_seed(0))
     assert trajectory.policy_steps[:, :-1].all() and not trajectory.policy_steps[:, -1].any()
-    assert torch.isfinite(trajectory.log_probs).all() and (trajectory.log_probs[:, -1] == 0).all()
+    # the recorded log-probs are those of the steps taken, and the deterministic step's is 0, not NaN
+    assert torch.equal(trajectory.log_probs, recomputed_log_probs(ddpm_model, trajectory, 1.0))
+    assert (trajectory.log_probs[:, -1] == 0).all() and (trajectory.log_probs[:, :-1] != 0).all()
     assert trajectory.latents.shape == (3, 11, 3, 16, 16) and trajectory.timesteps[0, -1] == 0
 
 
@@ -113,5 +126,6 @@ def test_ddpm_ancestral_sampler_records_log_probs_and_skips_the_noiseless_last_s
                                       generator=torch.Generator().manual_seed(0))
     assert type(model.scheduler).__name__ == "DDPMScheduler"
     assert trajectory.policy_steps[:, :-1].all() and not trajectory.policy_steps[:, -1].any()
-    assert torch.isfinite(trajectory.log_probs).all() and (trajectory.log_probs[:, :-1] != 0).all()
+    assert torch.equal(trajectory.log_probs, recomputed_log_probs(model, trajectory, 0.0))
+    assert (trajectory.log_probs[:, :-1] != 0).all() and (trajectory.log_probs[:, -1] == 0).all()
     assert images.shape == (2, 3, 16, 16)

@@ -276,6 +276,39 @@ def test_update_gradient_is_that_of_the_weighted_loss_over_all_processes(algorit
         assert metrics["rwr/kept"] == kept.sum()
 
 
+@pytest.mark.parametrize("guided_loss, expected", [(True, 7.5), (False, 1.0)])
+def test_the_update_regresses_the_guided_prediction_unless_told_not_to(guided_loss, expected):
+    """Every denoising loss of the update is taken at the sampling guidance scale (the official train_cfg), or
+    unguided with guided_loss=false."""
+    scales = []
+
+    class Recording(QuadraticModel):
+        def denoising_loss(self, x0, prompt_embeds, generator, guidance_scale):
+            scales.append(guidance_scale)
+            return super().denoising_loss(x0, prompt_embeds, generator, guidance_scale)
+
+    algorithm = RewardWeightedRegression({"guided_loss": guided_loss})
+    config = resolve_config(None, [f"sample.batch_size={PROCESS_SAMPLES}", "sample.batches_per_epoch=1",
+                                   f"train.batch_size={BATCH}", "train.grad_accum=1", "train.inner_epochs=1",
+                                   "sample.guidance_scale=7.5"],
+                            {"algorithm": {"name": "rwr"}})
+    generator = torch.Generator().manual_seed(0)
+    model = Recording(torch.zeros(1, 2, 2))
+    rewards = torch.randn(PROCESS_SAMPLES, generator=generator)
+    run = Run(config=config, accelerator=FakeProcess(1, 0), model=model, reward=None, algorithm=algorithm,
+              prompt_set=None, run_dir=None, optimizer=GradientRecorder(model.denoiser.parameters()),
+              stat_tracker=None, epoch=1, gathered_rewards=rewards)
+    x0 = torch.randn(PROCESS_SAMPLES, 1, 2, 2, generator=generator)
+    trajectory = Trajectory(latents=torch.stack([torch.randn_like(x0), x0], dim=1),
+                            timesteps=torch.zeros(PROCESS_SAMPLES, 1, dtype=torch.long),
+                            log_probs=torch.zeros(PROCESS_SAMPLES, 1),
+                            policy_steps=torch.ones(PROCESS_SAMPLES, 1, dtype=torch.bool),
+                            prompts=[""] * PROCESS_SAMPLES, prompt_metadata=[{}] * PROCESS_SAMPLES,
+                            prompt_embeds=torch.zeros(PROCESS_SAMPLES, 1, 1), rewards=rewards)
+    algorithm.update(run, trajectory)
+    assert scales == [expected] * (PROCESS_SAMPLES // BATCH)
+
+
 # -- configuration ---------------------------------------------------------------------------------------------
 
 def test_rwr_needs_no_log_probs_so_eta_zero_is_allowed():

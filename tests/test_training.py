@@ -107,8 +107,15 @@ def test_run_directory_has_the_contract_layout(is_run):
     assert [record["reward_queries"] for record in records] == [8 * epoch for epoch in range(1, EPOCHS + 1)]
     for record in records:
         for tag in DESIGN_TAGS + ["eval/incompressibility/mean"]:
-            assert isinstance(record[tag], float), tag
+            assert isinstance(record[tag], float), tag  # JSON floats, as the contract casts them
         assert record["train/optimizer_steps"] == 1  # 8 samples / (train.batch_size 4 x grad_accum 2)
+        # ... taken after every pass: all of them at the sampling policy (to float32 rounding of recomputed passes)
+        assert record["policy/ratio_mean"] == pytest.approx(1, abs=1e-6) and record["policy/approx_kl"] < 1e-12
+        assert record["policy/clipfrac"] == 0
+        assert record["loss/total"] == record["loss/policy"]
+        assert record["reward/min"] <= record["reward/mean"] <= record["reward/max"] < 0  # minus JPEG sizes
+        assert record["reward/std"] <= (record["reward/max"] - record["reward/min"]) / 2 + 1e-6
+        assert record["perf/samples_per_second"] == pytest.approx(8 / record["perf/epoch_seconds"], rel=1e-6)
     assert len(list(is_run.glob("events.out.tfevents.*"))) == 1
     kept = sorted(path.name for path in (is_run / "checkpoints").iterdir())
     assert kept == [f"epoch_{epoch:04d}" for epoch in range(EPOCHS - 2, EPOCHS + 1)]  # keep_checkpoints: 3
