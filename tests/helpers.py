@@ -1,13 +1,17 @@
 """Helpers the test modules share: reading a run's metrics, plugin distributions on disk, two-process launches on
-a free port, the learning runs of the slow tier with their shuffled-reward control, and `ddpo` commands run one
-after the other in one fresh process (commands that must stop before anything loads)."""
+a free port, products made once per session whatever the xdist worker, the learning runs of the slow tier with their
+shuffled-reward control, and `ddpo` commands run one after the other in one fresh process (commands that must stop
+before anything loads)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 SHUFFLE_ENV = "DDPO_TEST_SHUFFLE_REWARDS"
@@ -68,6 +72,30 @@ def two_process_launch(*ddpo_args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), "-m", "ddpo", *ddpo_args, "--device", "cpu"]
+
+
+def once_per_session(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The directory `name` that `make(directory)` has filled, made once per test session even when pytest-xdist
+    hands the tests that need it to several workers (the suite's `--dist worksteal` splits a module's tests
+    between workers, and a module- or session-scoped fixture runs once in each worker that uses it). The first
+    worker to ask makes it, in the session's directory all workers share, under a file lock; the others wait
+    and get the same directory. A `make` that raised leaves no product: the next worker to ask makes it again,
+    from an empty directory."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temporary directory
+        directory = tmp_path_factory.mktemp(name)
+        make(directory)
+        return directory
+    shared = tmp_path_factory.getbasetemp().parent  # the session's directory, parent of each worker's own
+    directory, made = shared / name, shared / f"{name}.made"
+    with FileLock(shared / f"{name}.lock"):
+        if not made.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            made.touch()
+    return directory
 
 
 def learning_run(cli, tmp_path: Path, algorithm: str, target: int, seed: int, epochs: int, *sets: str,
