@@ -24,6 +24,7 @@ import ddpo
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.multireward import MultiReward
+from ddpo.core.rollout import score
 from ddpo.plugins.rewards.aesthetic import MLP_SHAPES, Aesthetic, fetch_weights
 from ddpo.plugins.rewards.alignment import Alignment, bertscore_recall
 from ddpo.plugins.rewards.clip import ClipScore, PickScore
@@ -468,6 +469,110 @@ def test_serve_reward_command_serves_every_interface_with_a_token():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class GatedTaggedMean(ddpo.Reward):
+    """Each image's mean pixel plus its metadata's tag: a value only that image of that request has. The first call
+    waits for `gate`, so that requests pile up behind it."""
+
+    name = "gated_tagged_mean"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        if self.calls == 1:
+            assert self.gate.wait(60)
+        return images.double().mean(dim=(1, 2, 3)) + torch.tensor([float(item["tag"]) for item in metadata],
+                                                                    dtype=torch.float64)
+
+
+HALF_SENT_CLIENT = r"""
+import socket, sys, time
+port, body_path, part = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+body = open(body_path, "rb").read()
+sent = body if part == "whole" else body[:len(body) // 2]
+connection = socket.create_connection(("127.0.0.1", port))
+connection.sendall(f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   f"Authorization: Bearer {sys.argv[4]}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + sent)
+print("sent", flush=True)
+time.sleep(600)  # never reads the answer: killed first
+"""
+
+
+def wait_until(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_load_several_clients_and_one_killed_mid_request_lose_nothing(serve, tmp_path):
+    """Load on loopback: while the first batch is held in the reward, one client process sends a whole request
+    and another half of one, and both are SIGKILLed before reading an answer; then 6 clients send 4 requests each
+    (1-4 images, png or raw, bounded in size). Every client gets exactly the rewards of its own images (the same
+    reward scored locally), the killed whole request is scored once with the others and its answer dropped, the
+    half one never reaches the reward, requests are batched, and the server serves on afterwards."""
+    reward = GatedTaggedMean()
+    server = serve(reward, token=TOKEN, max_batch=8, batch_window=0.05, max_request_bytes=1 << 20)
+    port = int(server.url.rsplit(":", 1)[1])
+    local = GatedTaggedMean()  # the same reward scored here, through the server's scoring function
+    local.gate.set()
+
+    def client_requests(client: int) -> list[tuple]:
+        generator = torch.Generator().manual_seed(client)
+        return [(torch.rand(int(torch.randint(1, 5, (), generator=generator)), 3, 32, 32, generator=generator),
+                 "png" if (client + index) % 2 else "raw", [{"tag": 100 * client + index}]) for index in range(4)]
+
+    answers: dict[tuple[int, int], list[float]] = {}
+
+    def client(number: int, requests: list[tuple]) -> None:
+        remotes = {image_format: Remote({"url": server.url, "token": TOKEN, "timeout": 60,
+                                         "image_format": image_format}) for image_format in ("png", "raw")}
+        for index, (images, image_format, tag) in enumerate(requests):
+            answers[number, index] = remotes[image_format](images, ["a prompt"] * len(images), tag * len(images))
+
+    opener = threading.Thread(target=client, args=(-1, [(random_images(2), "raw", [{"tag": -1}])]))
+    opener.start()
+    wait_until(lambda: reward.calls == 1, "the first batch to reach the reward")
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"prompts": ["killed"] * 3, "metadata": [{"tag": 7}] * 3,
+                                "images": encode_images(random_images(3, seed=7), "raw")}))
+    killed = [subprocess.Popen([sys.executable, "-c", HALF_SENT_CLIENT, str(port), str(body), part, TOKEN],
+                               stdout=subprocess.PIPE, text=True) for part in ("whole", "half")]
+    for process in killed:
+        assert process.stdout.readline() == "sent\n"
+    wait_until(lambda: server.jobs.qsize() == 1, "the whole request to be queued")
+    for process in killed:
+        process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+    clients = {number: client_requests(number) for number in range(6)}
+    threads = [threading.Thread(target=client, args=item) for item in clients.items()]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: server.jobs.qsize() == 1 + len(clients), "every client's first request to be queued")
+    reward.gate.set()
+    for thread in [opener, *threads]:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+    for number, requests in clients.items():
+        for index, (images, image_format, tag) in enumerate(requests):
+            sent = images if image_format == "raw" else (images * 255).round() / 255
+            assert answers[number, index] == score(local, sent, [""] * len(images), tag * len(images)).tolist()
+    live_images = sum(len(images) for requests in clients.values() for images, _, _ in requests)
+    assert sum(server.batch_sizes) == 2 + 3 + live_images  # the opener, the killed whole request, the clients
+    assert server.batch_sizes[0] == 2 and max(server.batch_sizes[1:]) > 4  # requests were batched together
+    assert server.jobs.qsize() == 0
+    after = Remote({"url": server.url, "token": TOKEN, "timeout": 60, "image_format": "raw"})
+    after.load(CPU)
+    assert after(random_images(1, seed=9), ["x"], [{"tag": 0}]) == score(local, random_images(1, seed=9), ["x"],
+                                                                          [{"tag": 0}]).tolist()
 
 
 # --- every reward in `ddpo run` on a tiny SD pipeline --------------------------------------------------------------
