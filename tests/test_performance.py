@@ -4,8 +4,10 @@ that does not scan every installed distribution. Timings live in benchmarks/ (vs
 
 import functools
 import json
+import logging
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_deno
 from ddpo.core.plugins import get_registry
 from ddpo.core.profiling import PHASES
 from ddpo.core.rollout import sample_batch
+from ddpo.core.startup import BITSANDBYTES_CPU_LOGGER, quiet_bitsandbytes_kernel_warning
 
 TINY_DIGITS = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
                "--set", "train.batch_size=8"]
@@ -151,6 +154,36 @@ def test_optimizer_choice_and_a_clear_error_without_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when not installed
     with pytest.raises(UsageError, match="needs bitsandbytes"):
         make_optimizer(parameters, TrainConfig(optimizer="adamw8bit"))
+
+
+def test_a_run_starts_without_the_bitsandbytes_kernel_warning_or_the_server_stack(tmp_path):
+    """A fresh `ddpo run` with the 8-bit optimizer imports bitsandbytes (a dev dependency; diffusers imports it too,
+    at its first model import). On CPUs with AVX512-BF16 bitsandbytes then logs that it could not fetch a 4-bit
+    kernel from the hub; ddpo drops that line (`ddpo.core.startup`). The run imports no reward-server library."""
+    probe = textwrap.dedent(f"""
+        import sys
+        from ddpo.cli import main
+        try:
+            main(["run", "--epochs", "1", "--logdir", {str(tmp_path)!r}, "--set", "train.optimizer=adamw8bit",
+                  *{TINY_DIGITS!r}])
+        except SystemExit as exit:
+            assert exit.code in (0, None), exit.code
+        print("BITSANDBYTES", "bitsandbytes" in sys.modules,
+              "SERVER", sorted(name for name in ("fastapi", "starlette", "uvicorn") if name in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BITSANDBYTES True SERVER []" in result.stdout
+    assert "gemm_4bit" not in result.stderr and "kernels-community" not in result.stderr, result.stderr
+
+
+def test_only_the_bitsandbytes_kernel_warning_is_dropped(caplog):
+    quiet_bitsandbytes_kernel_warning()
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+                   "`pip install kernels` and the kernels >= 0.11.1", "could not verify publisher trust status")
+    logger.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]
 
 
 def test_8bit_adamw_trains_keeps_uint8_moments_and_resumes_exactly(tmp_path, tiny_ddpm, fresh_accelerator_state):

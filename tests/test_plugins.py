@@ -113,7 +113,7 @@ def test_contract_check_catches_a_reward_with_the_wrong_shape():
         check_reward(Wrong)
 
 
-def test_importing_ddpo_and_listing_plugins_do_not_import_torch():
+def test_importing_ddpo_and_listing_plugins_do_not_import_torch_or_the_server_stack():
     probe = textwrap.dedent("""
         import sys
         import ddpo
@@ -123,8 +123,8 @@ def test_importing_ddpo_and_listing_plugins_do_not_import_torch():
                 main(argv)
             except SystemExit as exit:
                 assert exit.code in (0, None), (argv, exit.code)
-        heavy = sorted(name for name in ("torch", "diffusers", "transformers", "accelerate", "peft")
-                       if name in sys.modules)
+        heavy = sorted(name for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "fastapi",
+                                         "starlette", "uvicorn") if name in sys.modules)
         print("HEAVY", heavy)
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,19 @@
 """The model-based rewards (aesthetic, clipscore, pickscore, alignment) on tiny random models saved to disk and
 loaded through the real `from_pretrained` path; the weighted multi-reward; the reward server and `remote`."""
 
+import base64
+import http.client
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -19,15 +24,17 @@ import ddpo
 from ddpo.core.config import resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.multireward import MultiReward
+from ddpo.core.rollout import score
 from ddpo.plugins.rewards.aesthetic import MLP_SHAPES, Aesthetic, fetch_weights
 from ddpo.plugins.rewards.alignment import Alignment, bertscore_recall
 from ddpo.plugins.rewards.clip import ClipScore, PickScore
 from ddpo.plugins.rewards.clip_preprocessing import ClipImagePreprocessor
 from ddpo.plugins.rewards.digit import Digit
 from ddpo.plugins.rewards.jpeg import Compressibility
-from ddpo.plugins.rewards.remote import Remote, RemoteRewardError
+from ddpo.plugins.rewards.remote import TOKEN_ENV, Remote, RemoteRewardError, encode_images
 from ddpo.cli import main
-from ddpo.cli.serve import RewardServer
+from ddpo.cli.reward_server import RewardServer
+from ddpo.cli.serve import is_loopback
 from ddpo.testing import build_tiny_llava, build_tiny_text_encoder, check_reward
 
 CPU = torch.device("cpu")
@@ -250,7 +257,8 @@ def test_reward_modules_import_no_torch():
         for name in ("aesthetic", "clip", "alignment", "multi", "remote"):
             __import__(f"ddpo.plugins.rewards.{name}")
         import ddpo.cli.serve
-        print("HEAVY", sorted(m for m in ("torch", "transformers", "numpy", "PIL") if m in sys.modules))
+        print("HEAVY", sorted(m for m in ("torch", "transformers", "numpy", "PIL", "fastapi", "starlette", "uvicorn")
+                              if m in sys.modules))
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -294,13 +302,16 @@ def test_multi_combine_z_scores_each_component_then_weights():
 
 # --- reward server and remote ------------------------------------------------------------------------------------
 
+TOKEN = "test-token-0123456789"
+
+
 @pytest.fixture()
-def serve_jpeg():
-    """Starts compressibility servers in this process on free ports (stopped after the test)."""
+def serve():
+    """Starts reward servers in this process on free loopback ports (stopped after the test)."""
     servers = []
 
-    def start(**settings):
-        server = RewardServer(Compressibility(), port=0, **settings)
+    def start(reward=None, **settings):
+        server = RewardServer(reward or Compressibility(), port=0, **settings)
         server.start()
         servers.append(server)
         return server
@@ -310,10 +321,10 @@ def serve_jpeg():
         server.close()
 
 
-def test_two_clients_are_batched_and_get_their_own_rewards(serve_jpeg):
+def test_two_clients_are_batched_and_get_their_own_rewards(serve):
     """Two clients send 3 and 5 images at once; the server (which waits up to 10 s for a batch of 8) scores
     them in one call and answers each with its own rows."""
-    jpeg_server = serve_jpeg(max_batch=8, batch_window=10.0)
+    jpeg_server = serve(max_batch=8, batch_window=10.0)
     direct = Compressibility()
     batches = {"png": random_images(3, seed=1), "raw": random_images(5, seed=2)}
     answers, barrier = {}, threading.Barrier(2)
@@ -335,8 +346,8 @@ def test_two_clients_are_batched_and_get_their_own_rewards(serve_jpeg):
     assert jpeg_server.batch_sizes == [8]  # both requests in one scoring call
 
 
-def test_remote_reward_errors_name_the_url(serve_jpeg):
-    jpeg_server = serve_jpeg(batch_window=0.0)
+def test_remote_reward_errors_name_the_url(serve):
+    jpeg_server = serve(batch_window=0.0)
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
@@ -352,22 +363,100 @@ def test_remote_reward_errors_name_the_url(serve_jpeg):
         with pytest.raises(RemoteRewardError, match="did not answer after 1 attempts"):
             slow(random_images(1), ["x"], [{}])
     wrong = Remote({"url": jpeg_server.url, "timeout": 10})
-    with pytest.raises(RemoteRewardError, match=rf"{jpeg_server.url}/score answered HTTP 400: bad request"):
+    with pytest.raises(RemoteRewardError, match=rf"{jpeg_server.url}/score answered HTTP 400: bad request: 2 images, "
+                                                r"1 prompts and 1 metadata"):
         wrong(random_images(2), ["only one prompt"], [{}])
 
 
-def test_serve_reward_command_serves_and_validates_options(capsys):
-    with pytest.raises(SystemExit) as exit_code:
-        main(["serve-reward", "digit", "--set", "reward.target=12", "--port", "0"])
-    stderr = capsys.readouterr().err
-    assert exit_code.value.code == 2 and stderr.count("\n") == 1 and "'reward.target'" in stderr
-    process = subprocess.Popen([sys.executable, "-m", "ddpo", "serve-reward", "digit", "--set", "reward.target=3",
-                                "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+def post_score(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, str]:
+    """POST /score with a raw body: (HTTP status, the answer's "error" or "")."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
-        line = process.stdout.readline()  # "serving reward 'digit' on http://127.0.0.1:PORT"
-        assert "serving reward 'digit' on http://127.0.0.1:" in line, process.stderr.read() if not line else line
-        remote = Remote({"url": line.split()[-1], "timeout": 60})
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/score", data=body, headers=headers)) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())["error"]
+
+
+def test_server_refuses_missing_tokens_oversized_and_malformed_requests(serve, monkeypatch):
+    """A server with a token and a 64 KiB limit: the remote reward's errors are one line naming the URL, and come
+    at once (with retries=10 a retried request would take minutes); raw requests get 400s that name the fault."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    server = serve(token=TOKEN, max_request_bytes=64 * 1024, batch_window=0.0)
+    images = random_images(2)
+    for options, fault in [({}, "needs a bearer token: send 'Authorization: Bearer TOKEN'"),
+                           ({"token": "not-the-token"}, "wrong bearer token")]:
+        client = Remote({"url": server.url, "retries": 10, "timeout": 10, **options})
+        for call in (lambda: client.load(CPU), lambda: client(images, ["a"] * 2, [{}] * 2)):
+            started = time.perf_counter()
+            with pytest.raises(RemoteRewardError) as refused:
+                call()
+            assert time.perf_counter() - started < 10
+            assert f"reward server {server.url}/" in str(refused.value) and "HTTP 401" in str(refused.value)
+            assert fault in str(refused.value) and "\n" not in str(refused.value)
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the client's other source of the token
+    client = Remote({"url": server.url, "retries": 10, "timeout": 10, "image_format": "raw"})
+    client.load(CPU)
+    assert client(images, ["a"] * 2, [{}] * 2) == pytest.approx(Compressibility()(images, [""] * 2, [{}] * 2))
+    big = random_images(8, 64, 64)  # 8 x 48 KiB of float32, more as base64
+    with pytest.raises(RemoteRewardError, match=rf"{server.url}/score answered HTTP 413: request body \(\d+ bytes\) "
+                                                r"over this server's limit of 65536 bytes \(--max-request-mb 0.0625\)"):
+        client(big, ["a"] * 8, [{}] * 8)
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+    connection.request("POST", "/score", body=iter([b" " * 40_000] * 2), encode_chunked=True,  # no length given
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    answer = connection.getresponse()
+    assert answer.status == 413 and "over this server's limit" in json.loads(answer.read())["error"]
+    connection.close()
+
+    def score_body(images_object, prompts=("a",), **extra) -> bytes:
+        return json.dumps({"prompts": list(prompts), "images": images_object, **extra}).encode()
+
+    png = encode_images(random_images(1), "png")
+    raw = encode_images(random_images(1), "raw")
+    for body, fault in [
+            (b"{not json", "the body is not JSON"),
+            (b"", "empty body"),
+            (b"[1, 2]", "must be a JSON object {prompts, metadata, images}"),
+            (score_body(png, prompts=(1,)), "'prompts' must be a list of strings"),
+            (score_body(png, metadata="x"), "'metadata' must be a list of objects"),
+            (score_body({**png, "data": ["%%%"]}), "images.data[0] is not valid base64"),
+            (score_body({**png, "data": [base64.b64encode(b"not an image").decode()]}),
+             "images.data[0] is not an image file"),
+            (score_body({**raw, "shape": [1, 4, 32, 32]}), "raw images need 'shape' [B, 3, H, W]"),
+            (score_body({**raw, "shape": [2, 3, 32, 32]}), "need 24576 bytes of float32, images.data holds 12288"),
+            (score_body({"format": "jpeg", "data": []}), "unknown images.format 'jpeg'; use 'png' or 'raw'"),
+            (score_body(png, prompts=("a", "b")), "1 images, 2 prompts and 2 metadata")]:
+        status, error = post_score(server.url, body)
+        assert status == 400 and error.startswith("bad request: ") and fault in error, (fault, status, error)
+    assert post_score(server.url, score_body(png))[0] == 200  # the server still serves
+
+
+def test_serve_reward_command_checks_address_token_and_options(capsys, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for args, fault in [(["--set", "reward.target=12"], "'reward.target'"),
+                        (["--host", "0.0.0.0"], f"--host 0.0.0.0 is reachable from other machines: give a token "
+                                                f"(set {TOKEN_ENV}, or --token), or serve on 127.0.0.1"),
+                        (["--host", "0.0.0.0", "--token", "has a space"], "printable ASCII without spaces")]:
+        with pytest.raises(SystemExit) as exit_code:
+            main(["serve-reward", "digit", "--port", "0", *args])
+        stderr = capsys.readouterr().err
+        assert exit_code.value.code == 2 and stderr.count("\n") == 1 and fault in stderr, stderr
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+
+
+def test_serve_reward_command_serves_every_interface_with_a_token():
+    """`ddpo serve-reward` in its own process on 0.0.0.0 with the token from the environment: the remote reward
+    with the token gets the digit reward's scores, one without it a 401."""
+    process = subprocess.Popen([sys.executable, "-m", "ddpo", "serve-reward", "digit", "--set", "reward.target=3",
+                                "--host", "0.0.0.0", "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, TOKEN_ENV: TOKEN})
+    try:
+        line = process.stdout.readline()  # "serving reward 'digit' on http://0.0.0.0:PORT"
+        assert "serving reward 'digit' on http://0.0.0.0:" in line, process.stderr.read() if not line else line
+        url = line.split()[-1].replace("0.0.0.0", "127.0.0.1")
+        remote = Remote({"url": url, "timeout": 60, "token": TOKEN})
         remote.load(CPU)
         assert remote.served == {"reward": "digit", "options": {"target": 3}}
         direct = Digit({"target": 3})
@@ -375,18 +464,124 @@ def test_serve_reward_command_serves_and_validates_options(capsys):
         images = random_images(4, 16, 16)
         expected = direct(images, [""] * 4, [{}] * 4)
         assert remote(images, [""] * 4, [{}] * 4) == pytest.approx(expected.tolist(), abs=0.02)  # 8-bit png
+        with pytest.raises(RemoteRewardError, match="HTTP 401"):
+            Remote({"url": url, "timeout": 60, "token": "another-token"}).load(CPU)
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
+class GatedTaggedMean(ddpo.Reward):
+    """Each image's mean pixel plus its metadata's tag: a value only that image of that request has. The first call
+    waits for `gate`, so that requests pile up behind it."""
+
+    name = "gated_tagged_mean"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        if self.calls == 1:
+            assert self.gate.wait(60)
+        return images.double().mean(dim=(1, 2, 3)) + torch.tensor([float(item["tag"]) for item in metadata],
+                                                                    dtype=torch.float64)
+
+
+HALF_SENT_CLIENT = r"""
+import socket, sys, time
+port, body_path, part = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+body = open(body_path, "rb").read()
+sent = body if part == "whole" else body[:len(body) // 2]
+connection = socket.create_connection(("127.0.0.1", port))
+connection.sendall(f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   f"Authorization: Bearer {sys.argv[4]}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + sent)
+print("sent", flush=True)
+time.sleep(600)  # never reads the answer: killed first
+"""
+
+
+def wait_until(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_load_several_clients_and_one_killed_mid_request_lose_nothing(serve, tmp_path):
+    """Load on loopback: while the first batch is held in the reward, one client process sends a whole request
+    and another half of one, and both are SIGKILLed before reading an answer; then 6 clients send 4 requests each
+    (1-4 images, png or raw, bounded in size). Every client gets exactly the rewards of its own images (the same
+    reward scored locally), the killed whole request is scored once with the others and its answer dropped, the
+    half one never reaches the reward, requests are batched, and the server serves on afterwards."""
+    reward = GatedTaggedMean()
+    server = serve(reward, token=TOKEN, max_batch=8, batch_window=0.05, max_request_bytes=1 << 20)
+    port = int(server.url.rsplit(":", 1)[1])
+    local = GatedTaggedMean()  # the same reward scored here, through the server's scoring function
+    local.gate.set()
+
+    def client_requests(client: int) -> list[tuple]:
+        generator = torch.Generator().manual_seed(client)
+        return [(torch.rand(int(torch.randint(1, 5, (), generator=generator)), 3, 32, 32, generator=generator),
+                 "png" if (client + index) % 2 else "raw", [{"tag": 100 * client + index}]) for index in range(4)]
+
+    answers: dict[tuple[int, int], list[float]] = {}
+
+    def client(number: int, requests: list[tuple]) -> None:
+        remotes = {image_format: Remote({"url": server.url, "token": TOKEN, "timeout": 60,
+                                         "image_format": image_format}) for image_format in ("png", "raw")}
+        for index, (images, image_format, tag) in enumerate(requests):
+            answers[number, index] = remotes[image_format](images, ["a prompt"] * len(images), tag * len(images))
+
+    opener = threading.Thread(target=client, args=(-1, [(random_images(2), "raw", [{"tag": -1}])]))
+    opener.start()
+    wait_until(lambda: reward.calls == 1, "the first batch to reach the reward")
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"prompts": ["killed"] * 3, "metadata": [{"tag": 7}] * 3,
+                                "images": encode_images(random_images(3, seed=7), "raw")}))
+    killed = [subprocess.Popen([sys.executable, "-c", HALF_SENT_CLIENT, str(port), str(body), part, TOKEN],
+                               stdout=subprocess.PIPE, text=True) for part in ("whole", "half")]
+    for process in killed:
+        assert process.stdout.readline() == "sent\n"
+    wait_until(lambda: server.jobs.qsize() == 1, "the whole request to be queued")
+    for process in killed:
+        process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+    clients = {number: client_requests(number) for number in range(6)}
+    threads = [threading.Thread(target=client, args=item) for item in clients.items()]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: server.jobs.qsize() == 1 + len(clients), "every client's first request to be queued")
+    reward.gate.set()
+    for thread in [opener, *threads]:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+
+    for number, requests in clients.items():
+        for index, (images, image_format, tag) in enumerate(requests):
+            sent = images if image_format == "raw" else (images * 255).round() / 255
+            assert answers[number, index] == score(local, sent, [""] * len(images), tag * len(images)).tolist()
+    live_images = sum(len(images) for requests in clients.values() for images, _, _ in requests)
+    assert sum(server.batch_sizes) == 2 + 3 + live_images  # the opener, the killed whole request, the clients
+    assert server.batch_sizes[0] == 2 and max(server.batch_sizes[1:]) > 4  # requests were batched together
+    assert server.jobs.qsize() == 0
+    after = Remote({"url": server.url, "token": TOKEN, "timeout": 60, "image_format": "raw"})
+    after.load(CPU)
+    assert after(random_images(1, seed=9), ["x"], [{"tag": 0}]) == score(local, random_images(1, seed=9), ["x"],
+                                                                          [{"tag": 0}]).tolist()
+
+
 # --- every reward in `ddpo run` on a tiny SD pipeline --------------------------------------------------------------
 
-def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_llava, tiny_encoder, serve_jpeg,
+def test_all_rewards_run_on_tiny_sd(tiny_sd, tiny_clip, aesthetic_weights, tiny_llava, tiny_encoder, serve,
                                     forked_cli, tmp_path):
     """One run whose reward sums aesthetic, clipscore, pickscore, alignment and remote (all with local weights),
     so each is loaded and called by the trainer; each is logged as reward/<name>/mean."""
-    jpeg_server = serve_jpeg(batch_window=0.0)
+    jpeg_server = serve(batch_window=0.0)
     components = {
         "aesthetic": {"clip_model": str(tiny_clip), "weights": str(aesthetic_weights)},
         "clipscore": {"clip_model": str(tiny_clip)},

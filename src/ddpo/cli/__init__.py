@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     from ddpo.cli.app import build_app
     from ddpo.core.errors import UsageError
     from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
+    from ddpo.core.startup import quiet_bitsandbytes_kernel_warning
+
+    quiet_bitsandbytes_kernel_warning()
 
     try:
         command = get_command(build_app())

@@ -1,4 +1,5 @@
-"""Start-up: the cyclic garbage collector paused while the heavy third-party modules import and the weights load.
+"""Start-up: the cyclic garbage collector paused while the heavy third-party modules import and the weights load,
+and a third-party warning that every start would print dropped.
 
 Importing torch and diffusers creates millions of long-lived objects (torch._dynamo alone pulls in sympy), and
 each time the youngest generation fills, CPython's collector may walk all of them again: about a sixth of the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Iterator
 
 
@@ -24,3 +26,24 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+BITSANDBYTES_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def quiet_bitsandbytes_kernel_warning() -> None:
+    """Drop the one warning bitsandbytes logs when it is imported on a CPU with AVX512-BF16.
+
+    diffusers imports bitsandbytes whenever it is installed (diffusers.quantizers.bitsandbytes, on the first model
+    import), so with the test extras or the `8bit` extra every `ddpo run` imports it. Its CPU backend then asks the
+    `kernels` package (a transformers dependency) for a 4-bit matmul kernel from the Hugging Face hub, which refuses
+    the repository as untrusted, and logs "Failed to load CPU gemm_4bit_forward from kernels-community ...". ddpo
+    never runs 4-bit layers (its one use of bitsandbytes, 8-bit AdamW, does not need that kernel), so the line is
+    noise. Only records starting with that text are dropped; the logger's other messages still show.
+    """
+    logging.getLogger(BITSANDBYTES_CPU_LOGGER).addFilter(_not_kernel_warning)  # adding it twice keeps one
+
+
+def _not_kernel_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BITSANDBYTES_KERNEL_WARNING)
