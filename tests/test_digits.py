@@ -66,8 +66,9 @@ DDPO_IS_THRESHOLD, DDPO_IS_EPOCHS = 0.2, 8
 def test_default_run_learns_digits_targets_from_their_rewards_not_from_shuffled_ones(forked_cli, tmp_path, target,
                                                                                     seed, shuffled):
     """The embedded default (ddpo-is, its digits recipe), 8 epochs. `reward_rise` on targets 3 / 7 / 8 x seeds 0, 1:
-    0.40 0.30 / 0.32 0.24 / 0.35 0.32 (benchmarks/bench_learning_tests.py; a run repeats exactly on one CPU, so the
-    seeds are the run-to-run spread), std 0.047. The pairs asserted rose 0.40, 0.35 and 0.32: at least 0.12 over the
+    0.40 0.30 / 0.32 0.24 / 0.35 0.32 (benchmarks/bench_learning_tests.py, target 7's from an earlier run of it
+    whose other four agreed to the digit; a run repeats exactly on one CPU, so the seeds are the run-to-run
+    spread), std 0.047. The pairs asserted rose 0.40, 0.35 and 0.32: at least 0.12 over the
     0.2 threshold, more than 2 x 0.047. The control (3, 0) with shuffled rewards: -0.09. The lowest legibility of a
     run was 0.93-0.97 (0.97 shuffled). 37-39 CPU seconds a run (AMD EPYC, one thread). The first pair's last
     checkpoint also draws a grid through `ddpo sample`."""
