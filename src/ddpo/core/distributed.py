@@ -37,6 +37,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UsageError("ddpo's trainer does not drive DeepSpeed's engine yet (it steps on every backward pass and "
+                         "partitions the optimizer state per rank); shard with --distributed fsdp instead")
     if _launched_with_fsdp():
         check_sharded_config(config)
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
