@@ -294,12 +294,12 @@ def table(report: dict) -> str:
     def number(value, digits: int = 2, scale: float = 1.0) -> str:
         return "-" if value is None else f"{value * scale:.{digits}f}"
 
-    lines = [f"{report['device']}, torch {report['torch']}, {report['dtype']}, {report['resolution']} px, batch "
-             f"{report['batch']}, {report['steps']} steps, guidance {GUIDANCE}, LoRA r4; dense bf16 peak "
-             f"{number(report['peak_bf16_tflops'], 0)} TFLOP/s",
+    lines = [(f"{report['device']}, torch {report['torch']}, {report['dtype']}, {report['resolution']} px, batch "
+              f"{report['batch']}, {report['steps']} steps, guidance {GUIDANCE}, LoRA r4; dense bf16 peak "
+              f"{number(report['peak_bf16_tflops'], 0)} TFLOP/s"),
              "",
-             f"{'model':<26}{'compile':<9}{'ckpt':<6}{'sample/s':>9}{'peak GB':>9}{'%peak':>7}"
-             f"{'train/s':>9}{'peak GB':>9}{'%peak':>7}{'grad-from-sampling saves':>26}"]
+             (f"{'model':<26}{'compile':<9}{'ckpt':<6}{'sample/s':>9}{'peak GB':>9}{'%peak':>7}"
+              f"{'train/s':>9}{'peak GB':>9}{'%peak':>7}{'grad-from-sampling saves':>26}")]
     for row in report["results"]:
         saving = row.get("gradient_from_sampling_saving")
         lines.append(

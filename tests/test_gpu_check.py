@@ -60,7 +60,8 @@ def test_dry_run_measures_every_configuration_on_tiny_pipelines(tmp_path):
     out = tmp_path / "check.json"
     result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--batch", "2",
                              "--steps", "2", "--repeats", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            capture_output=True, text=True, timeout=600, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SD 1.4 UNet" in result.stdout and "SD3.5-Medium transformer" in result.stdout
     report = json.loads(out.read_text())

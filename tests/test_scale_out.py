@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import cli_cases_in_one_process, free_port, make_distribution, once_per_session, read_metrics, \
-    two_process_launch
+from helpers import (cli_cases_in_one_process, free_port, make_distribution, once_per_session, read_metrics,
+                     two_process_launch)
 
 SCALE_PROBE = '''
 """What each process holds: at the start of a run, how the policy's trainable weights are stored (FSDP's shards

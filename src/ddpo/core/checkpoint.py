@@ -13,7 +13,8 @@
 
 A checkpoint is written into a temporary directory and renamed when complete, so a crash never leaves a
 half-written `epoch_NNNN`. Every rank calls `save_checkpoint` (gathering sharded state needs them all); the
-main process writes. Under FSDP the files are the same as unsharded (ddpo.core.distributed gathers and cuts). Tensors are read back with `torch.load(weights_only=True)` or safetensors.
+main process writes. Under FSDP the files are the same as unsharded (ddpo.core.distributed gathers the shards
+and cuts them again on loading). Tensors are read back with `torch.load(weights_only=True)` or safetensors.
 """
 
 from __future__ import annotations

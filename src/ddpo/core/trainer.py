@@ -23,8 +23,8 @@ from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo.core.config import RunConfig, eval_label
 from ddpo.core.console import report_epoch
-from ddpo.core.ema import WeightAverage
 from ddpo.core.distributed import make_accelerator
+from ddpo.core.ema import WeightAverage
 from ddpo.core.errors import UsageError
 from ddpo.core.evaluation import evaluate, evaluate_fixed_set
 from ddpo.core.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
