@@ -56,10 +56,11 @@ def save_checkpoint(run: Run) -> Path:
         staging.mkdir(parents=True)
     # under FSDP every rank gathers the weights; the main process writes them
     if run.weight_average is not None:
-        training_weights = run.model.trainable_state_dict()
+        training_weights = run.model.trainable_state_dict()  # on the CPU it shares the parameters' storage:
+        if accelerator.is_main_process:  # written before the average is applied to them
+            save_file(training_weights, str(staging / TRAINING_WEIGHTS))
         with run.weight_average.applied(), run.model.gathered_weights():
             if accelerator.is_main_process:
-                save_file(training_weights, str(staging / TRAINING_WEIGHTS))
                 run.model.save_weights(staging)
     else:
         with run.model.gathered_weights():
