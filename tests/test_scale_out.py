@@ -249,3 +249,22 @@ def test_shipped_accelerate_configs_parse_and_the_cli_names_them(tmp_path):
     assert (zero2.distributed_type, zero3.distributed_type) == ("DEEPSPEED", "DEEPSPEED")
     assert (zero2.deepspeed_config["zero_stage"], zero3.deepspeed_config["zero_stage"]) == (2, 3)
     assert yaml.safe_load(paths[0].read_text())["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+@pytest.mark.parametrize(("environment", "sets", "message"), [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "does not drive DeepSpeed's engine yet"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "FSDP2 only; set fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["algorithm.name=ddpo-sf", "train.gradient_from_sampling=true"],
+     "train.gradient_from_sampling swaps the LoRA matrices"),
+])
+def test_launches_ddpo_cannot_run_are_refused_before_anything_loads(monkeypatch, environment, sets, message):
+    """What a launcher's environment asks that ddpo does not do is a usage error from `make_accelerator`, before the
+    accelerator (and the process group) exists: DeepSpeed, FSDP1, and the gradient from sampling under FSDP."""
+    from ddpo.core.config import resolve_config
+    from ddpo.core.distributed import make_accelerator
+    from ddpo.core.errors import UsageError
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=message):
+        make_accelerator(resolve_config(None, sets, {}))
