@@ -254,7 +254,8 @@ def test_shipped_accelerate_configs_parse_and_the_cli_names_them(tmp_path):
 @pytest.mark.parametrize(("environment", "sets", "message"), [
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "does not drive DeepSpeed's engine yet"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "FSDP2 only; set fsdp_version: 2"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["algorithm.name=ddpo-sf", "train.gradient_from_sampling=true"],
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+     ["algorithm.name=ddpo-sf", "train.gradient_from_sampling=true"],
      "train.gradient_from_sampling swaps the LoRA matrices"),
 ])
 def test_launches_ddpo_cannot_run_are_refused_before_anything_loads(monkeypatch, environment, sets, message):
