@@ -273,6 +273,50 @@ def test_equal_rewards_without_baseline_give_no_policy_gradient(tiny_ddpm, tmp_p
     assert metrics["policy/ratio_dev_first"] == 0
 
 
+def test_the_reference_runs_once_per_trajectory_step_across_inner_epochs(tiny_ddpm, tmp_path):
+    """With two inner epochs the pretrained model's step on each (trajectory, step) is computed on its first visit
+    only, and what the second visit reads is that transition's: a fresh reference pass on the same transitions,
+    visited in another order, agrees."""
+    from dataclasses import replace
+
+    from ddpo.core.policy import ROW, ReferenceSteps
+
+    model = PixelDDPM({"pretrained": str(tiny_ddpm)})
+    model.load(torch.device("cpu"), torch.float32)
+    model.configure_training()
+    algorithm = DPOK({"value_baseline": False, "kl_mode": "gaussian"})
+    run, trajectory = make_run(model, algorithm, tmp_path, sets=["train.inner_epochs=2", "train.grad_accum=1",
+                                                                 "train.timestep_fraction=1.0", "train.batch_size=2"])
+    trajectory.advantages = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    passes, original = [], model.reference
+
+    def counted():
+        passes.append(1)
+        return original()
+
+    model.reference = counted
+    metrics = algorithm.update(run, trajectory)
+    policy_steps = int(trajectory.policy_steps[0].sum())
+    assert len(passes) == 2 * policy_steps  # 2 minibatches x the steps, in the first inner epoch only
+    assert metrics["train/optimizer_steps"] == 4 and metrics["policy/kl_to_reference"] > 0  # the policy moved
+
+    passes.clear()
+    references = ReferenceSteps(model, run.config.sample, ("log_prob", "mean"), (4, trajectory.num_steps), keep=True)
+    numbered = replace(trajectory, extras={ROW: torch.arange(4)})
+    steps = torch.tensor([0, 2, 1, 1])  # policy steps (the last step of this DDPM is deterministic)
+    references(numbered.transitions(steps))
+    order = torch.tensor([2, 0, 3, 1])
+    again = numbered[order].transitions(steps[order])
+    cached = references(again)
+    assert len(passes) == 1  # the second visit read the cache
+    with torch.no_grad(), original():
+        log_prob, mean, _, _ = model.step_log_prob(again, run.config.sample.eta, run.config.sample.guidance_scale)
+    assert torch.allclose(cached.log_prob, log_prob, atol=1e-6) and torch.allclose(cached.mean, mean, atol=1e-6)
+    assert not torch.allclose(cached.mean, mean[torch.tensor([1, 0, 3, 2])], atol=1e-3)  # rows told apart
+    references(numbered.transitions(torch.tensor([0, 2, 1, 0])))  # one step not seen yet: a pass
+    assert len(passes) == 2
+
+
 def test_value_is_fitted_before_the_policy_step_and_gives_per_step_advantages(tiny_ddpm, tmp_path):
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)
