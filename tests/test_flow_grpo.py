@@ -262,17 +262,18 @@ GRPO_THRESHOLD, GRPO_EPOCHS = 0.19, 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 1), (8, 0), (8, 1)], control=(3, 1)))
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 1), (8, 0), (8, 1)], control=(8, 1)))
 def test_grpo_learns_digits_targets_from_their_rewards_not_from_shuffled_ones(forked_cli, tmp_path, target, seed,
                                                                              shuffled):
     """grpo's digits recipe (`model_run_defaults`: groups of 8 from one noise, KL 0.1 to the base model), 8 epochs.
     `reward_rise` on targets 3 / 8 x seeds 0, 1: 0.26 0.41 / 0.38 0.52 (benchmarks/bench_learning_tests.py; the
     seeds are the run-to-run spread), std 0.092. The pairs asserted rose 0.41, 0.38 and 0.52: at least 0.193 over
     the 0.19 threshold, more than 2 x 0.092. Target 7 is weak (0.08 and 0.28 with seeds 0 and 1; with them the std
-    is 0.138) and is not asserted. Controls with shuffled rewards: (3, 1) 0.17, the one asserted and the highest,
-    0.02 under the threshold (its first epoch drew few 3s, 0.04, and the later epochs regress to the base rate);
-    (3, 0) 0.03, (8, 0) -0.12, (8, 1) -0.03. The lowest legibility of a run was 0.94-0.98. 33-40 CPU seconds a
-    run (AMD EPYC, one thread)."""
+    is 0.138) and is not asserted. Controls with shuffled rewards: (3, 0) 0.03, (8, 0) -0.12, (8, 1) -0.03 (the
+    one asserted: 0.22 under the threshold, more than 2 x 0.092, so a float difference on another CPU cannot flip
+    it), and (3, 1) 0.17: its first epoch drew few 3s (0.04) and the later epochs regress to the base rate, which
+    the last-two-minus-first measure counts as a rise; only 0.02 under the threshold, it is not asserted. The
+    lowest legibility of a run was 0.94-0.98. 33-40 CPU seconds a run (AMD EPYC, one thread)."""
     records = learning_run(forked_cli, tmp_path, "grpo", target, seed, GRPO_EPOCHS, shuffled=shuffled)
     assert_learned(records, shuffled, GRPO_THRESHOLD, min_legibility=0.9)
 
