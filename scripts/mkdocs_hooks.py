@@ -10,7 +10,8 @@ twice and nothing can drift:
 - `<!-- ddpo:algorithm-extras MODULE -->`: an algorithm module's docstring (its paper and math), the rows of
   docs/presets.md that compare its presets with the official code, and its algorithms' run defaults.
 
-An unknown marker fails the build. Imports stay torch-free: the CLI, the config and the plugin registry load
+An unknown marker fails the build, and so does an API page (`::: module`) that renders none of the module's
+members. Imports stay torch-free: the CLI, the config and the plugin registry load
 without it (DESIGN.md §4).
 """
 
@@ -23,11 +24,15 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 MARKER = re.compile(r"^<!-- ddpo:([a-z-]+)(?: ([\w.-]+))? -->$", re.M)
+API_OBJECT = re.compile(r"^::: ([\w.]+)$", re.M)
+_api_objects: dict[str, list[str]] = {}  # page -> the objects its mkdocstrings directives document
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_KINDS = {"algorithms": "algorithm", "rewards": "reward", "models": "model", "prompts": "prompts"}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    _api_objects[page.file.src_path] = API_OBJECT.findall(markdown)
+
     def replace(match: re.Match) -> str:
         name, argument = match[1], match[2]
         if name not in GENERATORS:
@@ -35,6 +40,17 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return GENERATORS[name](argument) if argument else GENERATORS[name]()
 
     return MARKER.sub(replace, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Fail on an API page that documents a module without any of its members. mkdocstrings shows what a module
+    defines or exports (its __all__, or a wildcard import); a module that only re-exports names imported from
+    elsewhere would render as its docstring alone, without a warning."""
+    for identifier in _api_objects.get(page.file.src_path, []):
+        if f'id="{identifier}.' not in html:
+            raise ValueError(f"{page.file.src_path}: '::: {identifier}' renders no members; if the module re-exports "
+                             f"them, list them in its __all__")
+    return html
 
 
 # ---------------------------------------------------------------- shared formatting
@@ -294,7 +310,8 @@ def algorithm_extras(module: str) -> str:
     for name, cls in classes.items():
         defaults = _flatten(cls.run_defaults)
         digits = _flatten(cls.model_run_defaults.get("digits", {}))
-        keys = list(defaults) + [key for key in digits if key not in defaults]
+        keys = [key for key in list(defaults) + [key for key in digits if key not in defaults]
+                if key != "algorithm.name"]  # the algorithm naming itself
         rows = [[f"`{key}`", _value(defaults[key]) if key in defaults else "",
                  _value(digits[key]) if key in digits else ""] for key in keys]
         parts.append(f"## `{name}`: options and run defaults\n\n{cls.description()} Options: "
