@@ -39,8 +39,8 @@ Scores, the `score` option:
       position  1 if every pair is in the relation, else 0 (scored only when count and colour held; a count miss
                 scores one 0 for colour and position together)
   Exclude clauses add no term: exact counts already refuse GenEval's "count + 1" excludes, and Flow-GRPO skips them.
-  Two departures, both bugs in the reference: a count term there goes below 0 when more than 2n objects are found
-  (clipped here), and a failed position there adds a 0 and a 1 (here only the 0).
+  Two departures from that code: its count term goes below 0 when more than 2n objects are found (clipped here, so
+  the reward stays in [0, 1]), and a failed position there adds a 0 and then a 1 (gen_eval.py:254, :258; here the 0).
   Default because it is what Flow-GRPO trains on, and because it grades: in a group of images that all fail the
   strict verdict, the one with the right count but the wrong colour still earns more, so group-relative
   advantages are not all zero. Use `strict` for evaluation (`eval.rewards`), to report GenEval's number.
