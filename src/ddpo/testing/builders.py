@@ -240,3 +240,25 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0, image_size: int = 32, w
         text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def build_tiny_owlv2(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random `Owlv2ForObjectDetection` (about 50k parameters, 8-pixel patches: (image_size / 8)^2 boxes per
+    image) with its `Owlv2Processor` (character tokenizer, image processor at `image_size`) to `directory`, loadable
+    offline by their `from_pretrained`."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    directory = Path(directory)
+    tokenizer = _character_clip_tokenizer(model_max_length=16)  # OWLv2's text context, as the hub checkpoints'
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=16,
+                       bos_token_id=tokenizer.convert_tokens_to_ids(START),
+                       eos_token_id=tokenizer.convert_tokens_to_ids(END),
+                       pad_token_id=tokenizer.convert_tokens_to_ids(END))
+    torch.manual_seed(seed)
+    config = Owlv2Config(text_config=text_config, vision_config=_tiny_clip_vision_config(image_size), projection_dim=32)
+    model = Owlv2ForObjectDetection(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory

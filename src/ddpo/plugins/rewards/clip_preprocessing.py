@@ -104,6 +104,12 @@ def clip_text_embeddings(model, tokenizer, prompts: list[str], device: torch.dev
 
 def clip_image_embeddings(model, preprocess: ClipImagePreprocessor, images: torch.Tensor) -> torch.Tensor:
     """Projected CLIP image embeddings (B, D) in float32 of a `CLIPModel`, not normalised."""
+    return clip_pixel_embeddings(model, preprocess(images.to(next(model.parameters()).device)))
+
+
+def clip_pixel_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected CLIP image embeddings (B, D) in float32 of already preprocessed pixel values, for callers that
+    preprocess images of different sizes one by one (the `geneval` reward's object crops)."""
     parameter = next(model.parameters())
-    pixel_values = preprocess(images.to(parameter.device)).to(parameter.dtype)
+    pixel_values = pixel_values.to(parameter.device, parameter.dtype)
     return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output).float()
