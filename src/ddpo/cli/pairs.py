@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from ddpo.cli.app import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, _checkpoint_config, _flags
+from ddpo.cli.flags import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, checkpoint_config, config_layer
 from ddpo.core.config import RunConfig, resolve_config
 from ddpo.core.errors import UsageError
 from ddpo.core.preflight import check_output_directory
@@ -127,7 +127,7 @@ def export(out: Annotated[Path, typer.Option("--out", help="Directory to write t
     check_output_directory(out, "output directory", "give --out a directory you can write to")
     if (out / EXPORT_FILE).exists():
         raise UsageError(f"{out} already holds a pair export; choose another --out")
-    resolved = resolve_config(config, set_ or [], _flags("d3po", model=model, seed=seed, device=device),
-                              base=_checkpoint_config(checkpoint))
+    resolved = resolve_config(config, set_ or [], config_layer("d3po", model=model, seed=seed, device=device),
+                              base=checkpoint_config(checkpoint))
     export_pairs(resolved, out, num, checkpoint)
     typer.echo(f"wrote {num} pairs to {out}; label them as {out / README_FILE} says")

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ddpo.cli.serve import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
+from ddpo.cli.flags import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
 from ddpo.plugins.rewards.remote import TOKEN_ENV, decode_images
 
 ROUTES = "GET /health or POST /score"

@@ -16,14 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ddpo.cli.flags import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
 from ddpo.core.errors import UsageError
 from ddpo.plugins.rewards.remote import TOKEN_ENV, TOKEN_PATTERN
-
-DEFAULT_HOST = "127.0.0.1"
-MEBIBYTE = 1 << 20
-DEFAULT_MAX_REQUEST_MB = 512
-"""Largest request body by default: about 30 raw float32 images at 1024x1024, or 120 at 512x512 (PNG is ~10x
-smaller)."""
 
 
 def is_loopback(host: str) -> bool:
