@@ -4,9 +4,10 @@ check), PPO's clipped surrogate, the KL to the pretrained model, and the statist
 `policy_update` its loss and keeps nothing else of the loop.
 
 ρ = exp(log p_θ − log p_old) per transition. Right after sampling, before any optimizer step, the policy is the
-sampling policy and ρ must be exactly 1: `policy/ratio_dev_first` logs max |ρ − 1| over the epoch's first
-minibatch (every trained step of it), before the first optimizer step; a value away from 0 means the
-recomputed log-probs do not match the sampled ones, the bug users of other tools report most.
+sampling policy and ρ must be 1 (exactly, in the sampling batch; to float32 rounding in a batch of another size):
+`policy/ratio_dev_first` logs max |ρ − 1| over the epoch's first minibatch (every trained step of it), before
+the first optimizer step; a value away from 0 means the recomputed log-probs do not match the sampled ones, the
+bug users of other tools report most.
 """
 
 from __future__ import annotations
