@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddpo.core.plugins import get_registry
+from ddpo.core.plugin_api.registry import get_registry
 from ddpo.testing import check_prompt_set, check_reward
 from conftest import run_cli
 from helpers import make_distribution

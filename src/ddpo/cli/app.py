@@ -12,12 +12,12 @@ import yaml
 
 from ddpo.cli.flags import (AlgoFlag, ConfigFlag, DeviceFlag, EpochsFlag, ModelFlag, PresetFlag, RewardFlag,
                             SeedFlag, SetFlag, checkpoint_config, config_layer)
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.layout import CONFIG_FILE
-from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
-from ddpo.core.preflight import check_output_file, check_resume, check_run_directory
-from ddpo.core.startup import gc_paused
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE
+from ddpo.core.configuration.preflight import check_output_file, check_resume, check_run_directory
+from ddpo.core.engine.startup import gc_paused
+from ddpo.core.plugin_api.registry import KINDS, get_plugin_manager, get_registry
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def build_app() -> typer.Typer:
                 seed=seed, logdir=logdir, run_name=run_name, resume=resume, device=device, profile=profile))
             os.execv(argv[0], argv)
         with gc_paused():  # torch, accelerate, tensorboard
-            from ddpo.core.trainer import train
+            from ddpo.core.engine.trainer import train
 
         train(resolved, resume_dir=resume, profile=profile)
 
@@ -80,7 +80,7 @@ def build_app() -> typer.Typer:
                      as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
         """List the installed plugins: name, package, version, description (presets: paper and GPUs)."""
         if kind == "presets":
-            from ddpo.core.presets import list_presets
+            from ddpo.core.configuration.presets import list_presets
 
             typer.echo(list_presets(get_registry().presets, as_json), nl=False)
             return
@@ -126,7 +126,7 @@ def build_app() -> typer.Typer:
                                   base=checkpoint_config(checkpoint))
         check_output_file(out, "give --out a file in a directory you can write to")
         with gc_paused():  # torch
-            from ddpo.core.sampling import sample_grid
+            from ddpo.core.engine.sampling import sample_grid
 
         path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)
         typer.echo(f"wrote {path}")
@@ -142,7 +142,7 @@ def build_app() -> typer.Typer:
                                                              "each group took to reach this value.")] = None,
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False):
         """Compare the runs under LOGDIR, grouped over seeds: a table (mean ± std over seeds) and a chart."""
-        from ddpo.core.compare import load_groups, plot, summarize, table
+        from ddpo.analysis.compare import load_groups, plot, summarize, table
 
         if out is not None and out.suffix.lower() != ".png":
             raise UsageError(f"--out must be a .png file, got '{out}'")

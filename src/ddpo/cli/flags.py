@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from ddpo.core.errors import UsageError
-from ddpo.core.layout import CONFIG_FILE
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE
 
 AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
 RewardFlag = Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")]

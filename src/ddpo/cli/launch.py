@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 CONFIGS = {"fsdp": "FSDP2: weights, gradients and optimizer state sharded",
            "zero2": "DeepSpeed ZeRO-2: gradients and optimizer state sharded (needs deepspeed)",

@@ -14,9 +14,9 @@ from typing import Annotated
 import typer
 
 from ddpo.cli.flags import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, checkpoint_config, config_layer
-from ddpo.core.config import RunConfig, resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.preflight import check_output_directory
+from ddpo.core.configuration.config import RunConfig, resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.preflight import check_output_directory
 from ddpo.plugins.algorithms.d3po import EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE
 
 PAIR_IMAGE_SIDE = 256
@@ -43,8 +43,8 @@ def _load_model(config: RunConfig, checkpoint: Path | None):
     """The config's model, with a checkpoint's trained weights over it if given, ready to sample."""
     import torch
 
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.sampling import pick_device
+    from ddpo.core.engine.sampling import pick_device
+    from ddpo.core.plugin_api.registry import get_registry
 
     model = get_registry().get("models", config.model.name)(config.model.options())
     model.load(pick_device(config), torch.float32)
@@ -62,10 +62,10 @@ def export_pairs(config: RunConfig, out: Path, count: int, checkpoint: Path | No
     import torch
     from safetensors.torch import save_file
 
-    from ddpo.core.images import make_grid, save_png
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.rollout import sample_batch
-    from ddpo.core.schema import Trajectory
+    from ddpo.core.engine.images import make_grid, save_png
+    from ddpo.core.engine.rollout import sample_batch
+    from ddpo.core.plugin_api.registry import get_registry
+    from ddpo.core.plugin_api.schema import Trajectory
 
     model = _load_model(config, checkpoint)
     prompt_set = get_registry().get("prompts", config.prompts.name)(config.prompts.options())

@@ -267,7 +267,7 @@ class RewardServer:
     def _score_forever(self) -> None:
         import torch
 
-        from ddpo.core.rollout import score
+        from ddpo.core.engine.rollout import score
 
         carried: list[_Job] = []
         while (batch := self._next_batch(carried)) is not None:

@@ -29,11 +29,11 @@ from typing import Annotated
 import typer
 
 from ddpo.cli.flags import config_layer
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
-from ddpo.core.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
-from ddpo.core.preflight import check_output_directory
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
+from ddpo.core.configuration.preflight import check_output_directory
+from ddpo.core.engine.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
 
 LOG_FILE = "run.log"
 

@@ -9,8 +9,8 @@ LoRA checkpoints are also written in diffusers' format: `StableDiffusionPipeline
 from __future__ import annotations
 
 import ddpo
-from ddpo.core.model import classifier_free_guidance
-from ddpo.core.text_to_image import DiffusersTextToImage, TextToImageOptions
+from ddpo.core.plugin_api.model import classifier_free_guidance
+from ddpo.core.plugin_api.text_to_image import DiffusersTextToImage, TextToImageOptions
 
 
 class StableDiffusion(DiffusersTextToImage):

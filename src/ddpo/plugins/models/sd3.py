@@ -6,7 +6,7 @@ included, as Flow-GRPO does: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; ran
 all its weights. Prompts are encoded by the two CLIP encoders and, if loaded, T5 (`text_encoder_3=false` skips
 it: the pipeline then uses zeros in its place, and T5-XXL's 4.7B parameters, 9.5 GB in fp16, stay unloaded),
 giving per-token embeddings (B, L, D) and pooled embeddings (B, P) — both travel in the trajectory as a dict.
-Sampling is Flow-GRPO's SDE with the ODE's marginals (`ddpo.core.samplers.FlowSDESampler`), `sample.eta` being
+Sampling is Flow-GRPO's SDE with the ODE's marginals (`ddpo.core.math.samplers.FlowSDESampler`), `sample.eta` being
 its noise level (0.7), on diffusers' `FlowMatchEulerDiscreteScheduler` schedule (shift from the pipeline);
 classifier-free guidance is one batched call against the empty prompt, its unconditional branch detached in
 training as Flow-GRPO does (`detach_unconditional`). LoRA checkpoints are also written in diffusers' format:
@@ -25,8 +25,8 @@ from typing import Literal
 import pydantic
 
 import ddpo
-from ddpo.core.model import classifier_free_guidance
-from ddpo.core.text_to_image import DiffusersTextToImage, TextToImageOptions
+from ddpo.core.plugin_api.model import classifier_free_guidance
+from ddpo.core.plugin_api.text_to_image import DiffusersTextToImage, TextToImageOptions
 
 
 class StableDiffusion3(DiffusersTextToImage):
@@ -64,7 +64,7 @@ class StableDiffusion3(DiffusersTextToImage):
         return {} if self.options.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
 
     def take_components(self, pipeline):
-        from ddpo.core.samplers import FlowSDESampler
+        from ddpo.core.math.samplers import FlowSDESampler
 
         self.pipeline = pipeline
         self.sampler = FlowSDESampler(pipeline.scheduler)

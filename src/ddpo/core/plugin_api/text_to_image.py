@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pydantic
 
-from ddpo.core.errors import UsageError
-from ddpo.core.model import Model, ModelOptions, load_pretrained
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.plugin_api.model import Model, ModelOptions, load_pretrained
 
 if TYPE_CHECKING:
     import torch

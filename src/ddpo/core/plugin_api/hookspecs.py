@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     import torch
     import typer
 
-    from ddpo.core.base import Algorithm, PromptSet, Reward
-    from ddpo.core.model import Model
-    from ddpo.core.schema import Trajectory
-    from ddpo.core.run import Run
+    from ddpo.core.engine.run import Run
+    from ddpo.core.plugin_api.base import Algorithm, PromptSet, Reward
+    from ddpo.core.plugin_api.model import Model
+    from ddpo.core.plugin_api.schema import Trajectory
 
 hookspec = pluggy.HookspecMarker("ddpo")
 hookimpl = pluggy.HookimplMarker("ddpo")
@@ -150,7 +150,7 @@ def on_exception(run: Run, exception: BaseException) -> None:
     follows.
 
     :param run: the run; `run.epoch` is the epoch that failed.
-    :param exception: what was raised (KeyboardInterrupt for a second Ctrl-C, `ddpo.core.guards.RunInterrupted`
+    :param exception: what was raised (KeyboardInterrupt for a second Ctrl-C, `ddpo.core.engine.guards.RunInterrupted`
         for the first).
     """
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ddpo.core.optim import POLICY
-from ddpo.core.schema import Transitions
+from ddpo.core.engine.optim import POLICY
+from ddpo.core.plugin_api.schema import Transitions
 
 ROW = "policy/row"
 """The `extras` key under which `policy_update` numbers the trajectories it trains (B,), so that a transition
@@ -117,7 +117,7 @@ class EpochStatistics:
 def add_sampled_gradients(run, trajectory, accumulator, statistics: EpochStatistics,
                           clip_range: float | None) -> int:
     """With `train.gradient_from_sampling`, accumulate the gradient the sampling pass took for the epoch's first
-    samples (ddpo.core.onpolicy): -A grad log p for each of their trained steps, as the minibatches they make
+    samples (ddpo.core.engine.onpolicy): -A grad log p for each of their trained steps, as the minibatches they make
     would, with `loss/policy` and the ratio statistics. The loss is PPO's surrogate with `clip_range` (-A at ratio
     1), or DDPO-SF's -A log p if it is None. Returns how many samples it covered (0 without the option); the
     training pass leaves them out of its first inner epoch."""
