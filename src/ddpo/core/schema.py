@@ -1,0 +1,3 @@
+"""DESIGN.md's contract path for trajectories, kept importable; the code is `ddpo.core.plugin_api.schema`."""
+
+from ddpo.core.plugin_api.schema import SAMPLE, STATE, STEP, Trajectory, Transitions, stack_transitions  # noqa: F401
