@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import learning_run, read_metrics
+from helpers import learning_cases, learning_run, read_metrics
 from ddpo.core.math.critic import TemporalCriticHead, clipped_value_loss, explained_variance
 from ddpo.core.math.neurons import neuron_scores, reset_neurons
 from ddpo.plugins.algorithms.tdpo import TemporalDPORegularized
@@ -299,25 +299,31 @@ def reward_gain(records: list[dict]) -> float:
     return (rewards[-2] + rewards[-1] - rewards[0] - rewards[1]) / 2
 
 
+TDPO_R_THRESHOLD, TDPO_R_EPOCHS = 0.16, 10
+
+
 @pytest.mark.slow
-def test_tdpo_r_learns_digits_targets_from_their_rewards_and_not_from_shuffled_ones(forked_cli, tmp_path):
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 1), (3, 3), (8, 2)], control=(3, 1)))
+def test_tdpo_r_learns_digits_targets_from_their_rewards_and_not_from_shuffled_ones(forked_cli, tmp_path, target,
+                                                                                   seed, shuffled):
     """tdpo-r's digits defaults (critic_init paper), 10 epochs. `reward_gain` over 8 runs, targets 3 and 8, seeds
     0-3: 0.254 0.296 0.215 0.340 (target 3), 0.212 0.309 0.330 0.163 (target 8), std 0.064. The pairs asserted
     gained 0.296, 0.340 and 0.330: 0.136, 0.180 and 0.170 over the 0.16 threshold, each more than 2 x 0.064. With
     shuffled rewards the gain was 0.037 0.116 0.088 0.006 (3/0, 3/1, 8/1, 8/2); the control here is 3/1's (0.116).
     The critic's best explained variance was 0.152 0.121 0.198 0.186 on target 3 (std 0.035), at most 0.004 on
     shuffled rewards; on target 8 it stays under 0.05 within 10 epochs, so it is asserted on target 3 only. The
-    lowest legibility of a run was 0.955-0.970 (0.940 shuffled). 128 CPU seconds (AMD EPYC, one thread)."""
-    threshold, epochs = 0.16, 10
-    for target, seed in ((3, 1), (3, 3), (8, 2)):
-        records = learning_run(forked_cli, tmp_path, "tdpo-r", target, seed, epochs)
-        assert reward_gain(records) > threshold, [record["reward/mean"] for record in records]
-        assert min(record["eval/legibility/mean"] for record in records) > 0.9, records  # still digits
-        if target == 3:
-            assert max(record["critic/explained_variance"] for record in records) > 0.05, records
-    control = learning_run(forked_cli, tmp_path, "tdpo-r", 3, 1, epochs, shuffled=True)
-    assert reward_gain(control) < threshold, [record["reward/mean"] for record in control]
-    assert max(record["critic/explained_variance"] for record in control) < 0.05, control
+    lowest legibility of a run was 0.955-0.970 (0.940 shuffled). 32 CPU seconds a run (AMD EPYC, one thread)."""
+    records = learning_run(forked_cli, tmp_path, "tdpo-r", target, seed, TDPO_R_EPOCHS, shuffled=shuffled)
+    rewards = [record["reward/mean"] for record in records]
+    best_explained_variance = max(record["critic/explained_variance"] for record in records)
+    if shuffled:
+        assert reward_gain(records) < TDPO_R_THRESHOLD, rewards
+        assert best_explained_variance < 0.05, records
+        return
+    assert reward_gain(records) > TDPO_R_THRESHOLD, rewards
+    assert min(record["eval/legibility/mean"] for record in records) > 0.9, records  # still digits
+    if target == 3:
+        assert best_explained_variance > 0.05, records
 
 
 def test_headline_command_runs_on_tiny_sd_with_a_tiny_clip(tiny_sd, tiny_clip, aesthetic_weights, forked_cli, tmp_path):
