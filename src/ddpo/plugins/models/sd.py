@@ -62,7 +62,7 @@ class StableDiffusion(DiffusersTextToImage):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(self.unwrapped_denoiser())
+        layers = get_peft_model_state_dict(self.unwrapped_denoiser(), state_dict=self.trainable_state_dict())
         return {"unet_lora_layers": convert_state_dict_to_diffusers(layers)}
 
 

@@ -107,8 +107,9 @@ class StableDiffusion3(DiffusersTextToImage):
         from peft.utils import get_peft_model_state_dict
 
         transformer = self.unwrapped_denoiser()
+        layers = get_peft_model_state_dict(transformer, state_dict=self.trainable_state_dict())
         # the adapter config (alpha, rank) travels in the file's metadata, so the loader scales by alpha / rank
-        return {"transformer_lora_layers": get_peft_model_state_dict(transformer),
+        return {"transformer_lora_layers": layers,
                 "transformer_lora_adapter_metadata": transformer.peft_config["default"].to_dict()}
 
 
