@@ -52,10 +52,10 @@ def measure(checkpoint: str, sets: list[str], count: int) -> dict[str, float]:
     """Legibility and colour drift of `count` samples (noise seed 0) of the digits model, base or a checkpoint."""
     import torch
 
-    from ddpo.core.config import resolve_config
-    from ddpo.core.rollout import sample_batch
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.engine.rollout import sample_batch
+    from ddpo.core.plugin_api.registry import get_registry
     from ddpo.plugins.rewards.digit_classifier import NUM_DIGITS, digit_probabilities, load_digit_classifier
-    from ddpo.core.plugins import get_registry
 
     config = resolve_config(sets=sets)
     model = get_registry().get("models", config.model.name)(config.model.options())

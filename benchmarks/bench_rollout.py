@@ -16,8 +16,8 @@ import time
 import torch
 
 import ddpo
-from ddpo.core.config import SampleConfig
-from ddpo.core.rollout import RolloutEngine
+from ddpo.core.configuration.config import SampleConfig
+from ddpo.core.engine.rollout import RolloutEngine
 from ddpo.plugins.models.digits import Digits
 from ddpo.plugins.prompts import Unconditional
 from ddpo.plugins.rewards.digit import Digit

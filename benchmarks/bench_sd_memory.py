@@ -60,8 +60,8 @@ def optimizer_state(name: str) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ddpo.core.config import TrainConfig
-    from ddpo.core.performance import make_optimizer
+    from ddpo.core.configuration.config import TrainConfig
+    from ddpo.core.engine.performance import make_optimizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)

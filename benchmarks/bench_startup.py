@@ -24,7 +24,7 @@ FIRST_STEP = "ddpo-bench-first-step"
 # Runs the real CLI with Model.step wrapped: the first call prints the wall-clock time it returned at.
 ENTRY = f"""
 import sys, time
-from ddpo.core import model as _model
+from ddpo.core.plugin_api import model as _model
 _step = _model.Model.step
 def _timed_step(self, *args, **kwargs):
     result = _step(self, *args, **kwargs)

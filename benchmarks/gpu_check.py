@@ -3,9 +3,9 @@
 SD 1.4's UNet and SD3.5-Medium's transformer are built from their configs (written below; random weights, no hub:
 speed and memory do not depend on the values), each with its model's real VAE and text encoders of the real output
 widths but one layer (they run once per batch). Each model loads through ddpo's own model plugin (`sd14`, `sd3`)
-and runs ddpo's code: `ddpo.core.rollout.sample_batch` for sampling (guided, eta 1, log-probs), the plugin's
+and runs ddpo's code: `ddpo.core.engine.rollout.sample_batch` for sampling (guided, eta 1, log-probs), the plugin's
 `step_log_prob` with a DDPO surrogate and backward pass for training (LoRA rank 4, AdamW step), and
-`ddpo.core.onpolicy.SamplingGradients` for `train.gradient_from_sampling`. At 512 px, bf16 autocast, for each of
+`ddpo.core.engine.onpolicy.SamplingGradients` for `train.gradient_from_sampling`. At 512 px, bf16 autocast, for each of
 torch.compile off/on (`model.compile`) x gradient checkpointing off/on (`train.gradient_checkpointing`):
 
 - sampling samples/s: a batch of --batch images through --steps denoising steps and the VAE decode;
@@ -124,8 +124,8 @@ def load_model(model: str, pretrained: Path, device, dtype, compile: bool, check
     """ddpo's model plugin for `model`, loaded as `ddpo run` loads it: LoRA, gradient checkpointing, compile."""
     import torch
 
-    from ddpo.core.performance import compile_denoiser, prepare_denoiser
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.engine.performance import compile_denoiser, prepare_denoiser
+    from ddpo.core.plugin_api.registry import get_registry
 
     plugin = get_registry().get("models", PLUGINS[model])
     options = {"pretrained": str(pretrained), "use_lora": True, "compile": compile, "resolution": resolution}
@@ -180,8 +180,8 @@ def measure(loaded, device, batch: int, steps: int, repeats: int, flops: dict | 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ddpo.core.onpolicy import SamplingGradients
-    from ddpo.core.rollout import sample_batch
+    from ddpo.core.engine.onpolicy import SamplingGradients
+    from ddpo.core.engine.rollout import sample_batch
 
     prompts, metadata = ["a photograph of an astronaut riding a horse"] * batch, [{}] * batch
     generator = torch.Generator().manual_seed(0)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from ddpo.core.startup import quiet_bitsandbytes_kernel_warning
+    from ddpo.core.engine.startup import quiet_bitsandbytes_kernel_warning
 
     quiet_bitsandbytes_kernel_warning()
     if not args.dry_run and not torch.cuda.is_available():

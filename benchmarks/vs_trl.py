@@ -149,10 +149,10 @@ def ddpo_worker(job: dict) -> None:
     from diffusers import UNet2DConditionModel
 
     import ddpo
-    from ddpo.core.config import resolve_config
-    from ddpo.core.optim import GradientAccumulator
-    from ddpo.core.plugins import get_plugin_manager
-    from ddpo.core.trainer import train
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.engine.optim import GradientAccumulator
+    from ddpo.core.engine.trainer import train
+    from ddpo.core.plugin_api.registry import get_plugin_manager
 
     timeline = Timeline(job["pipeline"])
     network_cpu = [0.0]  # CPU seconds inside the UNet's forward passes and the backward passes, so far

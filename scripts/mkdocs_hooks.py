@@ -5,8 +5,8 @@ twice and nothing can drift:
 
 - `<!-- ddpo:cli-synopsis -->`, `<!-- ddpo:cli-reference -->`: every `ddpo` command from the typer application
   (`ddpo.cli.app.build_app`), its usage, help text and options.
-- `<!-- ddpo:config-reference -->`: every key of `ddpo.core.config.RunConfig` (type, bounds, default, what each
-  model changes, the field's docstring) and every installed plugin's `Options`.
+- `<!-- ddpo:config-reference -->`: every key of `ddpo.core.configuration.config.RunConfig` (type, bounds,
+  default, what each model changes, the field's docstring) and every installed plugin's `Options`.
 - `<!-- ddpo:algorithm-extras MODULE -->`: an algorithm module's docstring (its paper and math), the rows of
   docs/presets.md that compare its presets with the official code, and its algorithms' run defaults.
 
@@ -196,8 +196,8 @@ def cli_reference() -> str:
 
 def _model_defaults() -> dict[str, dict[str, Any]]:
     """Per model plugin: the keys whose default `ddpo config --model NAME` changes, and their values."""
-    from ddpo.core.config import PLUGIN_SECTIONS, RunConfig, resolve_config
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.configuration.config import PLUGIN_SECTIONS, RunConfig, resolve_config
+    from ddpo.core.plugin_api.registry import get_registry
 
     base = _flatten(RunConfig().model_dump(mode="json"))
     changed = {}
@@ -212,7 +212,7 @@ def _model_defaults() -> dict[str, dict[str, Any]]:
 def _config_rows(model, prefix: str, per_model: dict[str, dict[str, Any]]) -> list[list[str]]:
     import pydantic
 
-    from ddpo.core.config import PluginSection
+    from ddpo.core.configuration.config import PluginSection
 
     rows = []
     instance = model()
@@ -236,7 +236,7 @@ def _config_rows(model, prefix: str, per_model: dict[str, dict[str, Any]]) -> li
 
 
 def _plugin_options(kind: str) -> str:
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.plugin_api.registry import get_registry
 
     registry = get_registry()
     parts = []
@@ -251,13 +251,13 @@ def _plugin_options(kind: str) -> str:
 
 
 def config_reference() -> str:
-    from ddpo.core.config import RunConfig
+    from ddpo.core.configuration.config import RunConfig
 
     per_model = _model_defaults()
     run = _table(["key", "type", "default", "default with `--model` (where it differs)", "meaning"],
                  _config_rows(RunConfig, "", per_model))
-    sections = [f"## Run keys\n\nGenerated from `ddpo.core.config.RunConfig` (each field's docstring) and, for the "
-                f"per-model column, `ddpo config --model NAME` with the default algorithm.\n\n{run}"]
+    sections = [f"## Run keys\n\nGenerated from `ddpo.core.configuration.config.RunConfig` (each field's docstring) "
+                f"and, for the per-model column, `ddpo config --model NAME` with the default algorithm.\n\n{run}"]
     titles = {"algorithms": "Algorithm options", "rewards": "Reward options", "models": "Model options",
               "prompts": "Prompt set options"}
     for kind, title in titles.items():
@@ -284,7 +284,7 @@ def _presets_rows() -> dict[str, list[list[str]]]:
 
 
 def algorithm_extras(module: str) -> str:
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.plugin_api.registry import get_registry
 
     path = ROOT / "src" / "ddpo" / "plugins" / "algorithms" / f"{module}.py"
     docstring = ast.get_docstring(ast.parse(path.read_text()))

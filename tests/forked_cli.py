@@ -24,7 +24,7 @@ import signal
 import sys
 
 import diffusers  # noqa: F401 - the imports every run pays, done once
-import ddpo.core.trainer  # noqa: F401
+import ddpo.core.engine.trainer  # noqa: F401
 from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline, UNet2DModel  # noqa: F401
 from ddpo.cli import main
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
-from ddpo.core.config import resolve_config
-from ddpo.core.rollout import sample_batch
-from ddpo.core.run import Run
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.engine.run import Run
+from ddpo.core.math.advantages import PerPromptStatTracker, batch_advantages
 from ddpo.plugins.algorithms.d3po import D3PO
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling, DDPOScoreFunction
 from ddpo.plugins.algorithms.dpok import DPOK
@@ -106,7 +106,7 @@ def test_batch_advantages_are_standardised():
 def kl_to_reference(model, trajectory, config):
     """Mean Gaussian KL per element from the model's step distributions to the pretrained model's, over the
     trajectory's policy steps (the deterministic last step has no distribution)."""
-    from ddpo.core.policy import gaussian_kl, reference_step
+    from ddpo.core.math.policy import gaussian_kl, reference_step
 
     values = []
     with torch.no_grad():

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from ddpo.core.compare import figure, load_groups, summarize, table
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.plugins import get_registry
+from ddpo.analysis.compare import figure, load_groups, summarize, table
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.plugin_api.registry import get_registry
 
 TINY = ["--reward", "digit", "--set", "reward.target=3", "--set", "sample.batches_per_epoch=1",
         "--set", "sample.num_steps=4", "--epochs", "2"]
@@ -100,7 +100,7 @@ def test_ctrl_c_stops_the_sweep_after_the_running_runs_checkpoint_and_starts_no_
 def test_fixed_evaluation_images_leave_the_training_run_unchanged(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
 
-    from ddpo.core.trainer import train
+    from ddpo.core.engine.trainer import train
 
     sets = ["reward.target=3", "sample.batch_size=8", "sample.batches_per_epoch=1", "sample.num_steps=4",
             "train.batch_size=8"]

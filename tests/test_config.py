@@ -2,8 +2,8 @@
 
 import pytest
 
-from ddpo.core.config import RunConfig, merge, parse_set, resolve_config
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.config import RunConfig, merge, parse_set, resolve_config
+from ddpo.core.configuration.errors import UsageError
 
 
 def test_defaults_are_the_embedded_demo_and_every_field_is_documented():

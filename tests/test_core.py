@@ -11,12 +11,12 @@ from accelerate import Accelerator
 
 from conftest import run_cli
 from helpers import make_distribution, read_metrics
-from ddpo.core.checkpoint import load_checkpoint, save_checkpoint
-from ddpo.core.config import SampleConfig, resolve_config
-from ddpo.core.policy import clipped_surrogate
-from ddpo.core.rollout import RolloutEngine, sample_batch
-from ddpo.core.run import Run
-from ddpo.core.schema import Trajectory, Transitions, stack_transitions
+from ddpo.core.configuration.config import SampleConfig, resolve_config
+from ddpo.core.engine.checkpoint import load_checkpoint, save_checkpoint
+from ddpo.core.engine.rollout import RolloutEngine, sample_batch
+from ddpo.core.engine.run import Run
+from ddpo.core.math.policy import clipped_surrogate
+from ddpo.core.plugin_api.schema import Trajectory, Transitions, stack_transitions
 from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd import StableDiffusion
@@ -229,7 +229,7 @@ def test_ratio_statistics_match_hand_computations():
     first minibatch's transitions only."""
     import math
 
-    from ddpo.core.policy import EpochStatistics
+    from ddpo.core.math.policy import EpochStatistics
 
     statistics = EpochStatistics()
     first = [math.log(1.5), 0.0, math.log(0.9)]  # ratios 1.5, 1, 0.9: the first minibatch
@@ -253,7 +253,7 @@ def test_the_first_minibatch_is_exactly_the_passes_before_the_first_optimizer_st
     the passes whose ratio must be exactly 1."""
     from test_algorithms import make_run
 
-    from ddpo.core.policy import policy_passes
+    from ddpo.core.math.policy import policy_passes
 
     for steps_per_pass, expected in ((1, [True] * 5 + [False] * 5), (2, [True] * 3 + [False] * 3)):
         run, trajectory = make_run(tiny_ddpm, DDPOImportanceSampling(), tmp_path / str(steps_per_pass), batch_size=4,

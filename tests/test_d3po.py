@@ -12,9 +12,9 @@ from PIL import Image
 
 from helpers import read_metrics
 from ddpo.cli import main
-from ddpo.core.config import resolve_config
-from ddpo.core.rollout import sample_batch
-from ddpo.core.run import Run
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.engine.run import Run
 from ddpo.plugins.algorithms.d3po import D3PO, pair_labels, preference_loss
 from ddpo.plugins.models.ddpm import PixelDDPM
 

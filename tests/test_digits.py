@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 from helpers import assert_learned, learning_cases, learning_command, learning_name, learning_run
-from ddpo.core.config import resolve_config
-from ddpo.core.rollout import sample_batch
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.engine.rollout import sample_batch
 from ddpo.plugins.models.digits import Digits, shipped_digits_path
 from ddpo.plugins.rewards.digit_classifier import NOT_A_DIGIT, digit_probabilities, load_digit_classifier
 

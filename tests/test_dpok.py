@@ -8,12 +8,12 @@ import torch
 from accelerate import Accelerator
 
 from helpers import assert_learned, learning_cases, learning_run, read_metrics
-from ddpo.core.config import resolve_config
-from ddpo.core.critic import StepValueNetwork, prompt_vector
-from ddpo.core.errors import UsageError
-from ddpo.core.rollout import sample_batch
-from ddpo.core.policy import EpochStatistics, gaussian_kl
-from ddpo.core.run import Run
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.engine.run import Run
+from ddpo.core.math.critic import StepValueNetwork, prompt_vector
+from ddpo.core.math.policy import EpochStatistics, gaussian_kl
 from ddpo.plugins.algorithms.dpok import DPOK, dpok_loss, eps_mse_kl
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd import StableDiffusion
@@ -279,7 +279,7 @@ def test_the_reference_runs_once_per_trajectory_step_across_inner_epochs(tiny_dd
     visited in another order, agrees."""
     from dataclasses import replace
 
-    from ddpo.core.policy import ROW, ReferenceSteps
+    from ddpo.core.math.policy import ROW, ReferenceSteps
 
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpo.core.ema import WeightAverage
+from ddpo.core.engine.ema import WeightAverage
 from helpers import read_metrics
 
 
@@ -78,7 +78,7 @@ def test_checkpoints_hold_the_average_and_the_trained_weights_and_resume_exactly
 def test_the_fixed_evaluation_set_is_sampled_with_the_average(tiny_ddpm, tmp_path):
     from test_algorithms import make_run
 
-    from ddpo.core.evaluation import evaluation_samples
+    from ddpo.core.engine.evaluation import evaluation_samples
     from ddpo.plugins.algorithms.ddpo import DDPOImportanceSampling
     from ddpo.plugins.prompts import Unconditional
 

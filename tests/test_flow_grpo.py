@@ -13,10 +13,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from helpers import assert_learned, learning_cases, learning_run
-from ddpo.core.advantages import group_advantages
-from ddpo.core.config import SampleConfig
-from ddpo.core.logprob import flow_sde_step_with_logprob
-from ddpo.core.rollout import RolloutEngine, sample_batch
+from ddpo.core.configuration.config import SampleConfig
+from ddpo.core.engine.rollout import RolloutEngine, sample_batch
+from ddpo.core.math.advantages import group_advantages
+from ddpo.core.math.logprob import flow_sde_step_with_logprob
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd3 import StableDiffusion3
 from ddpo.plugins.prompts import SimpleAnimals
@@ -296,8 +296,8 @@ def trained_sd3(tiny_sd3, seed=0, **options):
 def grpo_run(model, tmp_path, *sets):
     from accelerate import Accelerator
 
-    from ddpo.core.config import resolve_config
-    from ddpo.core.run import Run
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.engine.run import Run
     from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
 
     config = resolve_config(None, ["sample.batch_size=4", "sample.batches_per_epoch=1", "algorithm.group_size=2",

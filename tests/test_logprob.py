@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddpo.core.logprob import ddim_step_with_logprob, ddpm_step_with_logprob
+from ddpo.core.math.logprob import ddim_step_with_logprob, ddpm_step_with_logprob
 
 SD_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                set_alpha_to_one=False, steps_offset=1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ddpo.core.plugins import get_registry
-from ddpo.core.rollout import score
+from ddpo.core.engine.rollout import score
+from ddpo.core.plugin_api.registry import get_registry
 from ddpo.plugins.rewards.ocr import Ocr, TextSigns, target_text, text_reward
 from ddpo.testing import check_reward
 

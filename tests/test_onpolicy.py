@@ -1,4 +1,4 @@
-"""`train.gradient_from_sampling` (ddpo.core.onpolicy): the on-policy samples' gradient taken while sampling is
+"""`train.gradient_from_sampling` (ddpo.core.engine.onpolicy): the on-policy samples' gradient taken while sampling is
 each sample's own gradient, the runs it makes equal the ordinary ones, and what it cannot do is refused."""
 
 import functools
@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpo.core.config import resolve_config
-from ddpo.core.onpolicy import SamplingGradients
-from ddpo.core.plugins import get_registry
-from ddpo.core.rollout import sample_batch
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.engine.onpolicy import SamplingGradients
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.plugin_api.registry import get_registry
 
 PROMPTS = ["a cat", "a dog", "a horse"]
 
@@ -74,7 +74,7 @@ def test_a_step_from_sampling_gradients_equals_the_ordinary_step(tmp_path, tiny_
     UNet and SD3's transformer (flow matching), and for GRPO (groups of 2: its advantages are group-relative).
     With `model.compile` (dynamo on its eager backend, as in test_performance) the swapped LoRA layers compile
     too."""
-    from ddpo.core.trainer import train
+    from ddpo.core.engine.trainer import train
 
     pipeline = tiny_sd3 if model == "sd3" else tiny_sd
     if compiled:
@@ -99,7 +99,7 @@ def test_a_step_from_sampling_gradients_equals_the_ordinary_step(tmp_path, tiny_
 def test_ddpo_is_trains_the_rest_of_the_epoch_after_the_sampled_step(tmp_path, tiny_sd):
     """Two inner epochs of two optimizer steps each: the first step comes from sampling, the other three from
     training passes, which leave the sampled samples out of the first inner epoch only."""
-    from ddpo.core.trainer import train
+    from ddpo.core.engine.trainer import train
 
     config = run_config(tmp_path, tiny_sd, "rest", "ddpo-is", **{"train.gradient_from_sampling": "true",
                                                                  "train.grad_accum": 1, "train.inner_epochs": 2})

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddpo.core.config import TrainConfig, resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser
-from ddpo.core.plugins import get_registry
-from ddpo.core.profiling import PHASES
-from ddpo.core.rollout import sample_batch
-from ddpo.core.startup import BITSANDBYTES_CPU_LOGGER, quiet_bitsandbytes_kernel_warning
+from ddpo.core.configuration.config import TrainConfig, resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.performance import compile_denoiser, make_optimizer, prepare_denoiser
+from ddpo.core.engine.profiling import PHASES
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.engine.startup import BITSANDBYTES_CPU_LOGGER, quiet_bitsandbytes_kernel_warning
+from ddpo.core.plugin_api.registry import get_registry
 
 TINY_DIGITS = ["--set", "sample.batch_size=8", "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=4",
                "--set", "train.batch_size=8"]
@@ -137,7 +137,7 @@ def test_sampling_precision_applies_to_sampling_only_and_log_probs_stay_float32(
 def test_mixed_precision_end_to_end(tmp_path, tiny_ddpm, precision, fresh_accelerator_state):
     """A whole epoch under accelerate's autocast. On a CPU, accelerate runs fp16 as float32 (no fp16 autocast):
     the run must still work; bf16 autocast is real here."""
-    from ddpo.core.trainer import train
+    from ddpo.core.engine.trainer import train
 
     config = tiny_run_config(tmp_path, precision, **{"model.pretrained": str(tiny_ddpm)})
     config.mixed_precision = precision
@@ -159,7 +159,7 @@ def test_optimizer_choice_and_a_clear_error_without_bitsandbytes(monkeypatch):
 def test_a_run_starts_without_the_bitsandbytes_kernel_warning_or_the_server_stack(tmp_path):
     """A fresh `ddpo run` with the 8-bit optimizer imports bitsandbytes (a dev dependency; diffusers imports it too,
     at its first model import). On CPUs with AVX512-BF16 bitsandbytes then logs that it could not fetch a 4-bit
-    kernel from the hub; ddpo drops that line (`ddpo.core.startup`). The run imports no reward-server library."""
+    kernel from the hub; ddpo drops that line (`ddpo.core.engine.startup`). The run imports no reward-server library."""
     probe = textwrap.dedent(f"""
         import sys
         from ddpo.cli import main
@@ -189,7 +189,7 @@ def test_only_the_bitsandbytes_kernel_warning_is_dropped(caplog):
 def test_8bit_adamw_trains_keeps_uint8_moments_and_resumes_exactly(tmp_path, tiny_ddpm, fresh_accelerator_state):
     """bitsandbytes' AdamW8bit (a dev dependency, so this runs) on a full fine-tune: the moments of the large
     weights are uint8 in the checkpoint, and 1 epoch + resume gives the uninterrupted 2-epoch run's weights."""
-    from ddpo.core.trainer import train
+    from ddpo.core.engine.trainer import train
 
     def config(name, epochs):
         run = tiny_run_config(tmp_path, name, **{"model.pretrained": str(tiny_ddpm), "model.use_lora": "false",
@@ -220,7 +220,7 @@ def test_registry_knows_plugin_packages_without_scanning_every_distribution():
     script = ("import importlib.metadata as m\n"
               "def refuse(): raise AssertionError('packages_distributions called')\n"
               "m.packages_distributions = refuse\n"
-              "from ddpo.core.plugins import get_registry\n"
+              "from ddpo.core.plugin_api.registry import get_registry\n"
               "info = get_registry().plugins['models']['digits']\n"
               "print(info.package, info.version)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -233,9 +233,9 @@ def test_registry_knows_plugin_packages_without_scanning_every_distribution():
 def test_gc_paused_restores_the_collector_as_it_was_even_after_an_error():
     import gc
 
-    from ddpo.core.errors import UsageError
-    from ddpo.core.model import load_pretrained
-    from ddpo.core.startup import gc_paused
+    from ddpo.core.configuration.errors import UsageError
+    from ddpo.core.engine.startup import gc_paused
+    from ddpo.core.plugin_api.model import load_pretrained
 
     assert gc.isenabled()
     with pytest.raises(UsageError, match="model.pretrained is empty"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpo.core.plugins import get_registry
-from ddpo.core.presets import BUILTIN_DIRECTORY, find_preset
+from ddpo.core.configuration.presets import BUILTIN_DIRECTORY, find_preset
+from ddpo.core.plugin_api.registry import get_registry
 
 TABLE = Path(__file__).parent.parent / "docs" / "presets.md"
 

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 from helpers import cli_cases_in_one_process, make_distribution, read_metrics
 from conftest import run_cli
@@ -456,7 +456,7 @@ def test_save_every_keeps_the_last_epoch_and_updates_clip_and_repeat_as_configur
 def test_the_file_prompt_set_draws_the_files_lines(tmp_path):
     import random
 
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.plugin_api.registry import get_registry
 
     path = tmp_path / "prompts.txt"
     path.write_text("a red cube\n\n  a blue ball  \n")
@@ -570,7 +570,7 @@ def test_a_read_only_or_full_filesystem_is_one_line_exit_2_and_writes_nothing(tm
     """Real filesystems: a read-only tmpfs (EROFS) and a full one (ENOSPC: it still creates folders and files,
     and refuses their data), mounted in a namespace of the test's own; the resumed run directory is on the
     read-only one."""
-    from ddpo.core.config import resolve_config
+    from ddpo.core.configuration.config import resolve_config
 
     read_only, full = tmp_path / "read-only", tmp_path / "full"
     read_only.mkdir()
@@ -595,7 +595,7 @@ def test_a_read_only_or_full_filesystem_is_one_line_exit_2_and_writes_nothing(tm
 def test_checks_of_one_new_directory_at_the_same_moment_all_pass_and_leave_nothing(tmp_path):
     """Runs started together into one new log directory each check it: one check's test directories must not
     make another fail, nor be left behind."""
-    from ddpo.core.preflight import check_output_directory
+    from ddpo.core.configuration.preflight import check_output_directory
 
     failures = []
 
@@ -645,7 +645,7 @@ def test_a_plugin_whose_register_hook_raises_is_reported_and_the_others_load(tmp
 
 def test_saved_config_is_what_resume_checks(tmp_path):
     """The keys a resume must keep exist in a saved config (a renamed key would silently pass the check)."""
-    from ddpo.core.preflight import FIXED_ON_RESUME, _value
+    from ddpo.core.configuration.preflight import FIXED_ON_RESUME, _value
 
     saved = yaml.safe_load(run_cli("config").stdout)
     for key in FIXED_ON_RESUME:

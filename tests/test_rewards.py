@@ -21,10 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 import ddpo
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.multireward import MultiReward
-from ddpo.core.rollout import score
+from ddpo.cli import main
+from ddpo.cli.reward_server import RewardServer
+from ddpo.cli.serve import is_loopback
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.multireward import MultiReward
+from ddpo.core.engine.rollout import score
 from ddpo.plugins.rewards.aesthetic import MLP_SHAPES, Aesthetic, fetch_weights
 from ddpo.plugins.rewards.alignment import Alignment, bertscore_recall
 from ddpo.plugins.rewards.clip import ClipScore, PickScore
@@ -32,9 +35,6 @@ from ddpo.plugins.rewards.clip_preprocessing import ClipImagePreprocessor
 from ddpo.plugins.rewards.digit import Digit
 from ddpo.plugins.rewards.jpeg import Compressibility
 from ddpo.plugins.rewards.remote import TOKEN_ENV, Remote, RemoteRewardError, encode_images
-from ddpo.cli import main
-from ddpo.cli.reward_server import RewardServer
-from ddpo.cli.serve import is_loopback
 from ddpo.testing import build_tiny_llava, build_tiny_text_encoder, check_reward
 
 CPU = torch.device("cpu")

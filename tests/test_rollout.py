@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ddpo
-from ddpo.core.config import SampleConfig
-from ddpo.core.rollout import RolloutEngine, sample_batch
+from ddpo.core.configuration.config import SampleConfig
+from ddpo.core.engine.rollout import RolloutEngine, sample_batch
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd import StableDiffusion
 from ddpo.plugins.prompts import SimpleAnimals

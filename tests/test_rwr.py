@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import assert_learned, learning_cases, learning_run, read_metrics
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.run import Run
-from ddpo.core.schema import Trajectory
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.run import Run
+from ddpo.core.plugin_api.schema import Trajectory
 from ddpo.plugins.algorithms.rwr import (RewardWeightedRegression, SparseRewardWeightedRegression,
                                          percentile_weights, softmax_weights)
 
@@ -86,7 +86,7 @@ def test_denoising_targets_are_the_schedulers_own(prediction_type):
     sample -> x_0."""
     from diffusers import DDIMScheduler
 
-    from ddpo.core.samplers import DDIMSampler
+    from ddpo.core.math.samplers import DDIMSampler
 
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type=prediction_type)
@@ -110,7 +110,7 @@ def test_flow_matching_target_is_the_velocity_from_data_to_noise():
     timestep is s x num_train_timesteps)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ddpo.core.samplers import FlowSDESampler
+    from ddpo.core.math.samplers import FlowSDESampler
 
     generator = torch.Generator().manual_seed(0)
     original, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)

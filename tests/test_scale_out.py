@@ -35,7 +35,7 @@ import ddpo
 
 @ddpo.hookimpl
 def on_run_start(run):
-    from ddpo.core.distributed import is_sharded
+    from ddpo.core.engine.distributed import is_sharded
 
     parameters = [parameter for parameter in run.model.denoiser.parameters() if parameter.requires_grad]
     record = {"rank": run.accelerator.process_index, "processes": run.accelerator.num_processes,
@@ -261,9 +261,9 @@ def test_shipped_accelerate_configs_parse_and_the_cli_names_them(tmp_path):
 def test_launches_ddpo_cannot_run_are_refused_before_anything_loads(monkeypatch, environment, sets, message):
     """What a launcher's environment asks that ddpo does not do is a usage error from `make_accelerator`, before the
     accelerator (and the process group) exists: DeepSpeed, FSDP1, and the gradient from sampling under FSDP."""
-    from ddpo.core.config import resolve_config
-    from ddpo.core.distributed import make_accelerator
-    from ddpo.core.errors import UsageError
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.configuration.errors import UsageError
+    from ddpo.core.engine.distributed import make_accelerator
 
     for name, value in environment.items():
         monkeypatch.setenv(name, value)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpo.core.schema import Trajectory
+from ddpo.core.plugin_api.schema import Trajectory
 
 
 def make_trajectory(batch=4, steps=5, policy_steps=None, seed=0):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from helpers import learning_cases, learning_run, read_metrics
-from ddpo.core.critic import TemporalCriticHead, clipped_value_loss, explained_variance
-from ddpo.core.neurons import neuron_scores, reset_neurons
+from ddpo.core.math.critic import TemporalCriticHead, clipped_value_loss, explained_variance
+from ddpo.core.math.neurons import neuron_scores, reset_neurons
 from ddpo.plugins.algorithms.tdpo import TemporalDPORegularized
 from test_core import full_trajectory
 

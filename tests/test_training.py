@@ -45,10 +45,10 @@ def sd_update(tiny_sd, tmp_path, algorithm_name, advantages):
     `advantages`; returns each trajectory's change of summed log-probability over its policy steps."""
     from accelerate import Accelerator
 
-    from ddpo.core.config import resolve_config
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.rollout import sample_batch
-    from ddpo.core.run import Run
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.engine.rollout import sample_batch
+    from ddpo.core.engine.run import Run
+    from ddpo.core.plugin_api.registry import get_registry
     from ddpo.plugins.models.sd import StableDiffusion
 
     config = resolve_config(None, ["sample.num_steps=4", "sample.batch_size=8", "sample.batches_per_epoch=1",

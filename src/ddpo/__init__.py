@@ -5,9 +5,9 @@ The public API for plugin authors. Importing it is cheap: no torch, no model wei
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ddpo.core.base import Algorithm, Options, PromptSet, Reward
-from ddpo.core.hookspecs import hookimpl
-from ddpo.core.model import Model
+from ddpo.core.plugin_api.base import Algorithm, Options, PromptSet, Reward
+from ddpo.core.plugin_api.hookspecs import hookimpl
+from ddpo.core.plugin_api.model import Model
 
 try:
     __version__ = version("ddpo")

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     from typer.main import get_command
 
     from ddpo.cli.app import build_app
-    from ddpo.core.errors import UsageError
-    from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
-    from ddpo.core.startup import quiet_bitsandbytes_kernel_warning
+    from ddpo.core.configuration.errors import UsageError
+    from ddpo.core.engine.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
+    from ddpo.core.engine.startup import quiet_bitsandbytes_kernel_warning
 
     quiet_bitsandbytes_kernel_warning()
 

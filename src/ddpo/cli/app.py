@@ -10,33 +10,14 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.layout import CONFIG_FILE
-from ddpo.core.plugins import KINDS, get_plugin_manager, get_registry
-from ddpo.core.preflight import check_output_file, check_resume, check_run_directory
-from ddpo.core.startup import gc_paused
-
-AlgoFlag = Annotated[str | None, typer.Option("--algo", help="Algorithm plugin name (ddpo list algorithms).")]
-RewardFlag = Annotated[str | None, typer.Option("--reward", help="Training reward plugin name.")]
-ModelFlag = Annotated[str | None, typer.Option("--model", help="Model plugin name.")]
-ConfigFlag = Annotated[Path | None, typer.Option("--config", help="YAML or TOML config file.")]
-SetFlag = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE config override, repeatable "
-                                                   "(e.g. --set train.learning_rate=1e-4 --set reward.target=3).")]
-EpochsFlag = Annotated[int | None, typer.Option("--epochs", help="Epochs to train.")]
-SeedFlag = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
-DeviceFlag = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")]
-PresetFlag = Annotated[str | None, typer.Option("--preset", help="A paper's recipe (ddpo list presets); "
-                                                "--config, --set and flags override it.")]
-
-
-def _flags(algo=None, reward=None, model=None, **top_level: Any) -> dict[str, Any]:
-    """Named flags as a config layer."""
-    flags: dict[str, Any] = {key: value for key, value in top_level.items() if value is not None}
-    for section, name in (("algorithm", algo), ("reward", reward), ("model", model)):
-        if name is not None:
-            flags[section] = {"name": name}
-    return flags
+from ddpo.cli.flags import (AlgoFlag, ConfigFlag, DeviceFlag, EpochsFlag, ModelFlag, PresetFlag, RewardFlag,
+                            SeedFlag, SetFlag, checkpoint_config, config_layer)
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE
+from ddpo.core.configuration.preflight import check_output_file, check_resume, check_run_directory
+from ddpo.core.engine.startup import gc_paused
+from ddpo.core.plugin_api.registry import KINDS, get_plugin_manager, get_registry
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
@@ -44,27 +25,6 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no config.yaml); give RUN_DIR as {{logdir}}/{{run_name}}")
     return yaml.safe_load(path.read_text())
-
-
-def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
-    """The saved config of the run a checkpoint directory (RUN/checkpoints/epoch_NNNN) belongs to, if any."""
-    if checkpoint is None:
-        return None
-    if not checkpoint.is_dir():
-        raise UsageError(f"checkpoint directory not found: {checkpoint}")
-    run_config = checkpoint.parent.parent / CONFIG_FILE
-    return yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
-
-
-def _run_argv(set_: list[str] | None, profile: bool, **flags: Any) -> list[str]:
-    """`ddpo run` arguments that repeat the given flags (for a launcher to pass on)."""
-    argv = ["run"]
-    for name, value in flags.items():
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    for assignment in set_ or []:
-        argv += ["--set", assignment]
-    return argv + (["--profile"] if profile else [])
 
 
 def build_app() -> typer.Typer:
@@ -96,21 +56,21 @@ def build_app() -> typer.Typer:
         base = None
         if resume is not None:
             base = _saved_config(resume)
-        resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
-                                                              logdir=logdir, run_name=run_name, device=device),
+        resolved = resolve_config(config, set_ or [], config_layer(algo, reward, model, epochs=epochs, seed=seed,
+                                                                   logdir=logdir, run_name=run_name, device=device),
                                   base=base, preset=preset)
         if base is not None:
             check_resume(base, resolved.model_dump(mode="json"))
         check_run_directory(resolved.logdir, resolved.run_name, resume)
         if distributed is not None:
-            from ddpo.cli.launch import launch_argv
+            from ddpo.cli.launch import launch_argv, run_argv
 
-            argv = launch_argv(distributed, num_processes, resolved.mixed_precision, _run_argv(
+            argv = launch_argv(distributed, num_processes, resolved.mixed_precision, run_argv(
                 algo=algo, reward=reward, model=model, config=config, preset=preset, set_=set_, epochs=epochs,
                 seed=seed, logdir=logdir, run_name=run_name, resume=resume, device=device, profile=profile))
             os.execv(argv[0], argv)
         with gc_paused():  # torch, accelerate, tensorboard
-            from ddpo.core.trainer import train
+            from ddpo.core.engine.trainer import train
 
         train(resolved, resume_dir=resume, profile=profile)
 
@@ -120,7 +80,7 @@ def build_app() -> typer.Typer:
                      as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
         """List the installed plugins: name, package, version, description (presets: paper and GPUs)."""
         if kind == "presets":
-            from ddpo.core.presets import list_presets
+            from ddpo.core.configuration.presets import list_presets
 
             typer.echo(list_presets(get_registry().presets, as_json), nl=False)
             return
@@ -146,8 +106,8 @@ def build_app() -> typer.Typer:
                     config: ConfigFlag = None, preset: PresetFlag = None, set_: SetFlag = None,
                     epochs: EpochsFlag = None, seed: SeedFlag = None, device: DeviceFlag = None):
         """Print the merged config as YAML (what `ddpo run` with the same flags would use)."""
-        resolved = resolve_config(config, set_ or [], _flags(algo, reward, model, epochs=epochs, seed=seed,
-                                                              device=device), preset=preset)
+        resolved = resolve_config(config, set_ or [], config_layer(algo, reward, model, epochs=epochs, seed=seed,
+                                                                   device=device), preset=preset)
         typer.echo(resolved.to_yaml(), nl=False)
 
     @app.command()
@@ -162,11 +122,11 @@ def build_app() -> typer.Typer:
         """Sample images from a model (a checkpoint's fine-tuned weights, or the base model) into a grid PNG."""
         if out.suffix.lower() != ".png":
             raise UsageError(f"--out must be a .png file, got '{out}'")
-        resolved = resolve_config(config, set_ or [], _flags(model=model, seed=seed, device=device),
-                                  base=_checkpoint_config(checkpoint))
+        resolved = resolve_config(config, set_ or [], config_layer(model=model, seed=seed, device=device),
+                                  base=checkpoint_config(checkpoint))
         check_output_file(out, "give --out a file in a directory you can write to")
         with gc_paused():  # torch
-            from ddpo.core.sampling import sample_grid
+            from ddpo.core.engine.sampling import sample_grid
 
         path = sample_grid(resolved, out, checkpoint=checkpoint, prompts=prompt or [], count=num)
         typer.echo(f"wrote {path}")
@@ -182,7 +142,7 @@ def build_app() -> typer.Typer:
                                                              "each group took to reach this value.")] = None,
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False):
         """Compare the runs under LOGDIR, grouped over seeds: a table (mean ± std over seeds) and a chart."""
-        from ddpo.core.compare import load_groups, plot, summarize, table
+        from ddpo.analysis.compare import load_groups, plot, summarize, table
 
         if out is not None and out.suffix.lower() != ".png":
             raise UsageError(f"--out must be a .png file, got '{out}'")

@@ -9,11 +9,11 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 CONFIGS = {"fsdp": "FSDP2: weights, gradients and optimizer state sharded",
            "zero2": "DeepSpeed ZeRO-2: gradients and optimizer state sharded (needs deepspeed)",
@@ -27,6 +27,17 @@ def config_path(name: str) -> Path:
     if name not in CONFIGS:
         raise UsageError(f"unknown distributed setting '{name}'; valid: {', '.join(CONFIGS)}")
     return Path(__file__).resolve().parent.parent / "accelerate_configs" / f"{name}.yaml"
+
+
+def run_argv(set_: list[str] | None, profile: bool, **flags: Any) -> list[str]:
+    """`ddpo run` arguments that repeat the given flags (for a launcher to pass on)."""
+    argv = ["run"]
+    for name, value in flags.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    for assignment in set_ or []:
+        argv += ["--set", assignment]
+    return argv + (["--profile"] if profile else [])
 
 
 def launch_argv(name: str, num_processes: int | None, mixed_precision: str, ddpo_args: list[str]) -> list[str]:

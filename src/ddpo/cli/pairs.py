@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
-from ddpo.cli.app import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, _checkpoint_config, _flags
-from ddpo.core.config import RunConfig, resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.preflight import check_output_directory
+from ddpo.cli.flags import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag, checkpoint_config, config_layer
+from ddpo.core.configuration.config import RunConfig, resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.preflight import check_output_directory
 from ddpo.plugins.algorithms.d3po import EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE
 
 PAIR_IMAGE_SIDE = 256
@@ -43,8 +43,8 @@ def _load_model(config: RunConfig, checkpoint: Path | None):
     """The config's model, with a checkpoint's trained weights over it if given, ready to sample."""
     import torch
 
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.sampling import pick_device
+    from ddpo.core.engine.sampling import pick_device
+    from ddpo.core.plugin_api.registry import get_registry
 
     model = get_registry().get("models", config.model.name)(config.model.options())
     model.load(pick_device(config), torch.float32)
@@ -62,10 +62,10 @@ def export_pairs(config: RunConfig, out: Path, count: int, checkpoint: Path | No
     import torch
     from safetensors.torch import save_file
 
-    from ddpo.core.images import make_grid, save_png
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.rollout import sample_batch
-    from ddpo.core.schema import Trajectory
+    from ddpo.core.engine.images import make_grid, save_png
+    from ddpo.core.engine.rollout import sample_batch
+    from ddpo.core.plugin_api.registry import get_registry
+    from ddpo.core.plugin_api.schema import Trajectory
 
     model = _load_model(config, checkpoint)
     prompt_set = get_registry().get("prompts", config.prompts.name)(config.prompts.options())
@@ -127,7 +127,7 @@ def export(out: Annotated[Path, typer.Option("--out", help="Directory to write t
     check_output_directory(out, "output directory", "give --out a directory you can write to")
     if (out / EXPORT_FILE).exists():
         raise UsageError(f"{out} already holds a pair export; choose another --out")
-    resolved = resolve_config(config, set_ or [], _flags("d3po", model=model, seed=seed, device=device),
-                              base=_checkpoint_config(checkpoint))
+    resolved = resolve_config(config, set_ or [], config_layer("d3po", model=model, seed=seed, device=device),
+                              base=checkpoint_config(checkpoint))
     export_pairs(resolved, out, num, checkpoint)
     typer.echo(f"wrote {num} pairs to {out}; label them as {out / README_FILE} says")

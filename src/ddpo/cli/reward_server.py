@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ddpo.cli.serve import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
+from ddpo.cli.flags import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
 from ddpo.plugins.rewards.remote import TOKEN_ENV, decode_images
 
 ROUTES = "GET /health or POST /score"
@@ -267,7 +267,7 @@ class RewardServer:
     def _score_forever(self) -> None:
         import torch
 
-        from ddpo.core.rollout import score
+        from ddpo.core.engine.rollout import score
 
         carried: list[_Job] = []
         while (batch := self._next_batch(carried)) is not None:

@@ -16,14 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ddpo.core.errors import UsageError
+from ddpo.cli.flags import DEFAULT_HOST, DEFAULT_MAX_REQUEST_MB, MEBIBYTE
+from ddpo.core.configuration.errors import UsageError
 from ddpo.plugins.rewards.remote import TOKEN_ENV, TOKEN_PATTERN
-
-DEFAULT_HOST = "127.0.0.1"
-MEBIBYTE = 1 << 20
-DEFAULT_MAX_REQUEST_MB = 512
-"""Largest request body by default: about 30 raw float32 images at 1024x1024, or 120 at 512x512 (PNG is ~10x
-smaller)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -80,7 +75,7 @@ def register(app: typer.Typer) -> None:
             from ddpo.cli.reward_server import RewardServer
         except ImportError as error:
             raise UsageError(f"serve-reward needs fastapi and uvicorn ({error}); pip install 'ddpo[serve]'") from None
-        from ddpo.core.sampling import ensure_device_available
+        from ddpo.core.engine.sampling import ensure_device_available
 
         ensure_device_available(device)
         reward.load(_device(device))
@@ -103,8 +98,8 @@ def _build_reward(name: str, sets: list[str]):
     """The reward plugin `name` with the options of `--set reward.K=V`, validated by its `Options`."""
     import pydantic
 
-    from ddpo.core.config import describe_validation_error, merge, parse_set
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.configuration.config import describe_validation_error, merge, parse_set
+    from ddpo.core.plugin_api.registry import get_registry
 
     options: dict[str, Any] = {}
     for assignment in sets:

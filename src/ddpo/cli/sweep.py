@@ -28,11 +28,12 @@ from typing import Annotated
 
 import typer
 
-from ddpo.core.config import resolve_config
-from ddpo.core.errors import UsageError
-from ddpo.core.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
-from ddpo.core.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
-from ddpo.core.preflight import check_output_directory
+from ddpo.cli.flags import config_layer
+from ddpo.core.configuration.config import resolve_config
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE, METRICS_FILE, checkpoint_path, list_checkpoints
+from ddpo.core.configuration.preflight import check_output_directory
+from ddpo.core.engine.guards import INTERRUPTED_EXIT_CODE, RunInterrupted
 
 LOG_FILE = "run.log"
 
@@ -203,8 +204,6 @@ def register(app: typer.Typer) -> None:
     ):
         """Run every algorithm x seed combination, each a `ddpo run` named {algo}__s{seed}, into one log
         directory; run it again to skip finished runs and resume unfinished ones."""
-        from ddpo.cli.app import _flags
-
         algos, seed_values = parse_list(algo, "--algo"), parse_seeds(seeds)
         shared: list[str] = []
         for flag, value in (("--reward", reward), ("--model", model), ("--preset", preset), ("--config", config),
@@ -217,7 +216,7 @@ def register(app: typer.Typer) -> None:
         for name in algos:
             for seed in seed_values:
                 try:
-                    flags = _flags(name, reward, model, seed=seed, epochs=epochs, logdir=logdir, device=device)
+                    flags = config_layer(name, reward, model, seed=seed, epochs=epochs, logdir=logdir, device=device)
                     resolved = resolve_config(config, set_ or [], flags, preset=preset)
                     run_logdir, run_epochs = resolved.logdir, resolved.epochs
                 except UsageError:

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import ddpo
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 SIMPLE_ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard "

@@ -11,9 +11,9 @@ from typing import Any
 import pydantic
 import torch
 
-from ddpo.core.base import Options, PromptSet, Reward
-from ddpo.core.model import Model
-from ddpo.core.rollout import sample_batch, score
+from ddpo.core.engine.rollout import sample_batch, score
+from ddpo.core.plugin_api.base import Options, PromptSet, Reward
+from ddpo.core.plugin_api.model import Model
 
 
 def check_reward(reward_cls: type[Reward], options: dict[str, Any] | None = None, batch_size: int = 3,

@@ -33,7 +33,7 @@ from pathlib import Path
 import pydantic
 
 import ddpo
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 EXPORT_FILE = "export.json"
 """The export's settings and prompts: {"model": {"name", "options"}, "sample": {...}, "pairs": [...], ...}."""
@@ -190,7 +190,7 @@ class D3PO(ddpo.Algorithm):
         import torch
         from safetensors.torch import load_file
 
-        from ddpo.core.schema import Trajectory
+        from ddpo.core.plugin_api.schema import Trajectory
 
         config, accelerator = run.config, run.accelerator
         directory = export_directory(self.options.labels, self.options.pairs_dir)
@@ -241,7 +241,7 @@ class D3PO(ddpo.Algorithm):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.policy import EpochStatistics, policy_passes
+        from ddpo.core.math.policy import EpochStatistics, policy_passes
 
         config = run.config
         if trajectory.group_ids is not None and not torch.equal(trajectory.group_ids[0::2],

@@ -15,7 +15,7 @@ trainer, and every denoising step of a trajectory shares its trajectory's advant
   ratio and one gradient step per round of sampling: the whole epoch's samples make one optimizer step.
 
 Both estimators' first optimizer step is on-policy (ratio 1, where PPO's clip is inactive), so with
-`train.gradient_from_sampling` its gradient comes from the sampling pass (ddpo.core.onpolicy): all of DDPO-SF's,
+`train.gradient_from_sampling` its gradient comes from the sampling pass (ddpo.core.engine.onpolicy): all of DDPO-SF's,
 the first train.batch_size x train.grad_accum samples of DDPO-IS's.
 
 Log-probabilities are per-element means (DESIGN.md §7), the scale the clip range 1e-4 is calibrated to.
@@ -55,7 +55,7 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         return 0 if self.options.kl_weight > 0 else config.train.batch_size * config.train.grad_accum
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
+        from ddpo.core.math.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
         options, statistics = self.options, EpochStatistics()
 
@@ -83,7 +83,7 @@ class DDPOScoreFunction(ddpo.Algorithm):
         return config.sample.batch_size * config.sample.batches_per_epoch
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import policy_update
+        from ddpo.core.math.policy import policy_update
 
         def loss(transitions, step):
             score_function = -(transitions.advantages * step.log_prob).mean()

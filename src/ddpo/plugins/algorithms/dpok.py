@@ -20,7 +20,7 @@ trained), evaluated on the same transitions. Two KL estimates:
 - `gaussian`: the closed form for two Gaussians with the same sigma_t, ||mu_theta - mu_pre||^2 / (2 sigma_t^2),
   as an element mean (the scale of the per-element log-probabilities, DESIGN.md §7).
 
-The value network (`ddpo.core.critic.StepValueNetwork`, the official `ValueMulti`: flattened x_t and the prompt
+The value network (`ddpo.core.math.critic.StepValueNetwork`, the official `ValueMulti`: flattened x_t and the prompt
 embedding, step-gated layers of 256 units) is fitted by MSE to the raw final reward before each policy update,
 with AdamW at lr 1e-4. Officially that is one optimizer step per round of sampling over 5 accumulated
 micro-batches of 256 transitions drawn at random from a replay buffer of the last 1000 transitions; here the
@@ -123,7 +123,7 @@ class DPOK(ddpo.Algorithm):
             return
         import torch
 
-        from ddpo.core.critic import StepValueNetwork, prompt_vector
+        from ddpo.core.math.critic import StepValueNetwork, prompt_vector
 
         prompts = prompt_vector(run.model.encode_prompts([""]))
         prompt_dim = 0 if prompts is None else prompts.shape[-1]
@@ -141,7 +141,7 @@ class DPOK(ddpo.Algorithm):
         return run.default_advantages(trajectory)
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, gaussian_kl, policy_update
+        from ddpo.core.math.policy import EpochStatistics, gaussian_kl, policy_update
 
         options, statistics = self.options, EpochStatistics()
         if options.value_baseline:
@@ -166,7 +166,7 @@ class DPOK(ddpo.Algorithm):
         this epoch's trajectories."""
         import torch
 
-        from ddpo.core.critic import prompt_vector
+        from ddpo.core.math.critic import prompt_vector
 
         options = self.options
         prompts = prompt_vector(trajectory.prompt_embeds)
@@ -191,7 +191,7 @@ class DPOK(ddpo.Algorithm):
         +-advantage.clip_max like every advantage of the framework."""
         import torch
 
-        from ddpo.core.critic import prompt_vector
+        from ddpo.core.math.critic import prompt_vector
 
         prompts = prompt_vector(trajectory.prompt_embeds)
         columns = []

@@ -97,7 +97,7 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
     def compute_advantages(self, run, trajectory):
         import torch
 
-        from ddpo.core.advantages import group_advantages
+        from ddpo.core.math.advantages import group_advantages
 
         if self.options.group_by == "prompt":
             keys = run.gathered_prompts
@@ -127,7 +127,7 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return trajectory[rows], len(rows) // minibatches
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
+        from ddpo.core.math.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
         options, statistics = self.options, EpochStatistics()
 

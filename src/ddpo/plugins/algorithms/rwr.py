@@ -138,7 +138,7 @@ class RewardWeightedRegression(ddpo.Algorithm):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.policy import EpochStatistics
+        from ddpo.core.math.policy import EpochStatistics
 
         config = run.config
         weights = self.weights(run.gathered_rewards, run.gathered_prompts)

@@ -18,7 +18,7 @@ makes many small steps; the paper's SD 1.4 recipe is 256 samples per epoch, trai
 accumulation per GPU, policy and critic lr 1e-4, 100 epochs.
 
 TDPO-R adds neuron resets against primacy bias: every `reset_every` epochs (10) the critic's ACTIVE neurons —
-those whose activity score on a probe batch is above τ = 0 (`ddpo.core.neurons`) — are re-drawn with the
+those whose activity score on a probe batch is above τ = 0 (`ddpo.core.math.neurons`) — are re-drawn with the
 initialisation's std (neuron_recycler.py:140 and :174) and their AdamW moments zeroed; the policy is never
 reset. `reset_mode=dormant` resets the dormant ones instead (ReDo).
 The paper measures over-optimisation by cross-reward evaluation: train on one reward, log the others
@@ -89,7 +89,7 @@ class TemporalDPO(ddpo.Algorithm):
     def setup(self, run):
         import torch
 
-        from ddpo.core.critic import CriticFeatures, TemporalCriticHead
+        from ddpo.core.math.critic import CriticFeatures, TemporalCriticHead
 
         self.features = CriticFeatures(self.options.critic_features, self.options.clip_model)
         self.features.load(run.model, run.reward, run.accelerator.device)
@@ -101,7 +101,7 @@ class TemporalDPO(ddpo.Algorithm):
         """Features and sampling-time values of every state, then the per-step advantages (B, T)."""
         import torch
 
-        from ddpo.core.critic import explained_variance
+        from ddpo.core.math.critic import explained_variance
 
         states = trajectory.latents
         batch, count = states.shape[:2]
@@ -122,8 +122,8 @@ class TemporalDPO(ddpo.Algorithm):
         return torch.where(policy, advantages, torch.zeros_like(advantages))
 
     def update(self, run, trajectory):
-        from ddpo.core.critic import clipped_value_loss
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
+        from ddpo.core.math.critic import clipped_value_loss
+        from ddpo.core.math.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
         options, statistics = self.options, EpochStatistics()
 
@@ -162,7 +162,7 @@ class TemporalDPO(ddpo.Algorithm):
         """`critic/active_fraction` and `critic/dormant_fraction` of the critic's hidden neurons on the probe."""
         import torch
 
-        from ddpo.core.neurons import dormant_masks, neuron_scores
+        from ddpo.core.math.neurons import dormant_masks, neuron_scores
 
         critic = run.accelerator.unwrap_model(self.critic)
         with torch.no_grad():
@@ -202,8 +202,8 @@ class TemporalDPORegularized(TemporalDPO):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.neurons import reset_neurons
-        from ddpo.core.run import derive_seed
+        from ddpo.core.engine.run import derive_seed
+        from ddpo.core.math.neurons import reset_neurons
 
         summary = super().update(run, trajectory)
         if run.epoch % self.options.reset_every == 0:
@@ -219,7 +219,7 @@ class TemporalDPORegularized(TemporalDPO):
     def reset_masks(self, scores):
         """Per hidden layer of the critic, True for the neurons a reset re-draws given their activity `scores`: the
         active ones (score > tau; TDPO-R) or the dormant ones (ReDo)."""
-        from ddpo.core.neurons import dormant_masks
+        from ddpo.core.math.neurons import dormant_masks
 
         dormant = dormant_masks(scores, self.options.tau)
         return dormant if self.options.reset_mode == "dormant" else [~mask for mask in dormant]

@@ -9,7 +9,7 @@ step is deterministic and kept out of training.
 from __future__ import annotations
 
 import ddpo
-from ddpo.core.model import ModelOptions, load_pretrained
+from ddpo.core.plugin_api.model import ModelOptions, load_pretrained
 
 
 class PixelDDPM(ddpo.Model):

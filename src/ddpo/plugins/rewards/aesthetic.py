@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import ddpo
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 DEFAULT_WEIGHTS_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                        "sac%2Blogos%2Bava1-l14-linearMSE.pth")
@@ -135,7 +135,7 @@ class Aesthetic(ddpo.Reward):
         import transformers
 
         from ddpo.plugins.rewards.clip_preprocessing import (ClipImagePreprocessor, dtype_kwargs, quiet_loading,
-                                                              resolve_dtype)
+                                                             resolve_dtype)
 
         dtype = resolve_dtype(self.options.dtype, device)
         with quiet_loading():  # only the vision tower of a full CLIP checkpoint is loaded

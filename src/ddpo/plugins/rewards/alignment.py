@@ -32,7 +32,7 @@ from typing import Literal
 import pydantic
 
 import ddpo
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 BERTSCORE_LAYERS = {
     "bert-base-uncased": 9, "bert-large-uncased": 18, "roberta-base": 10, "roberta-large": 17,

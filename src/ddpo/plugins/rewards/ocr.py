@@ -30,7 +30,7 @@ import random
 import pydantic
 
 import ddpo
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 SIGN_WORDS = (
     "OPEN CLOSED EXIT SALE CAFE BAKERY HOTEL TAXI STOP HELLO WELCOME LOVE HOPE PEACE DREAM RELAX SMILE ENJOY "

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from ddpo.core.errors import UsageError
-from ddpo.core.layout import CONFIG_FILE, METRICS_FILE
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE, METRICS_FILE
 
 EVENTS_GLOB = "events.out.tfevents.*"
 NOT_COMPARED = ("seed", "run_name", "logdir", "device")

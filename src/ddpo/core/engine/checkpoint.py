@@ -13,7 +13,7 @@
 
 A checkpoint is written into a temporary directory and renamed when complete, so a crash never leaves a
 half-written `epoch_NNNN`. Every rank calls `save_checkpoint` (gathering sharded state needs them all); the
-main process writes. Under FSDP the files are the same as unsharded (ddpo.core.distributed gathers the shards
+main process writes. Under FSDP the files are the same as unsharded (ddpo.core.engine.distributed gathers the shards
 and cuts them again on loading). Tensors are read back with `torch.load(weights_only=True)` or safetensors.
 """
 
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddpo.core.distributed import load_optimizer_state, shard_like, whole
-from ddpo.core.distributed import optimizer_state as optimizer_state_of
-from ddpo.core.errors import UsageError
-from ddpo.core.layout import CHECKPOINTS, checkpoint_path, list_checkpoints
-from ddpo.core.model import TRAINABLE_WEIGHTS
-from ddpo.core.optim import POLICY
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CHECKPOINTS, checkpoint_path, list_checkpoints
+from ddpo.core.engine.distributed import load_optimizer_state, shard_like, whole
+from ddpo.core.engine.distributed import optimizer_state as optimizer_state_of
+from ddpo.core.engine.optim import POLICY
+from ddpo.core.plugin_api.model import TRAINABLE_WEIGHTS
 
 if TYPE_CHECKING:
-    from ddpo.core.run import Run
+    from ddpo.core.engine.run import Run
 
 MODULES = "modules"
 TRAINING_WEIGHTS = "training_weights.safetensors"

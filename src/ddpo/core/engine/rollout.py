@@ -13,13 +13,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from ddpo.core.base import PromptSet, Reward
-from ddpo.core.config import SampleConfig
-from ddpo.core.model import Model
-from ddpo.core.multireward import EXTRAS_PREFIX, MultiReward
-from ddpo.core.onpolicy import SamplingGradients
-from ddpo.core.profiling import PHASES
-from ddpo.core.schema import Trajectory
+from ddpo.core.configuration.config import SampleConfig
+from ddpo.core.engine.multireward import EXTRAS_PREFIX, MultiReward
+from ddpo.core.engine.onpolicy import SamplingGradients
+from ddpo.core.engine.profiling import PHASES
+from ddpo.core.plugin_api.base import PromptSet, Reward
+from ddpo.core.plugin_api.model import Model
+from ddpo.core.plugin_api.schema import Trajectory
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
     they differ only by the noise of the stochastic steps. `initial_noise` (B, C, H, W), if given, is x_T
     instead (then `group_size` only numbers the groups). With `gradients` (inside its `batch` context), each
     step's forward pass keeps its graph and the per-sample gradients of the stochastic steps' log-probs
-    accumulate there (`ddpo.core.onpolicy`); the samples drawn are the same.
+    accumulate there (`ddpo.core.engine.onpolicy`); the samples drawn are the same.
 
     Returns:
         The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1].

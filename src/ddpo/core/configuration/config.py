@@ -2,7 +2,7 @@
 
 Precedence, lowest first: built-in defaults < the model's, then the algorithm's `run_defaults` (with its
 `model_run_defaults` for the chosen model over them) < plugin
-option defaults < `--preset` (a paper's recipe, `ddpo.core.presets`) < `--config` file (YAML or TOML)
+option defaults < `--preset` (a paper's recipe, `ddpo.core.configuration.presets`) < `--config` file (YAML or TOML)
 < `--set KEY=VALUE` < named flags (`--epochs` ...).
 Plugin sections (`algorithm`, `reward`, `model`, `prompts`) hold a `name` plus that plugin's options,
 validated by the plugin's own `Options`. When a layer names a different plugin, the options of the layers
@@ -18,8 +18,8 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from ddpo.core.errors import UsageError
-from ddpo.core.multireward import expand_reward_sum
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.multireward import expand_reward_sum
 
 PLUGIN_SECTIONS = {"algorithm": "algorithms", "reward": "rewards", "model": "models", "prompts": "prompts"}
 
@@ -81,7 +81,7 @@ class TrainConfig(Section):
     """Gradients are clipped to this norm before each optimizer step."""
     ema_decay: float = pydantic.Field(0.0, ge=0, lt=1)
     """Keep an exponential moving average of the trained weights with this decay (0: none), with Flow-GRPO's
-    warm-up (ddpo.core.ema): after n updates the decay is min(decay, (1 + n) / (10 + n)). Checkpoints'
+    warm-up (ddpo.core.engine.ema): after n updates the decay is min(decay, (1 + n) / (10 + n)). Checkpoints'
     weights.safetensors (what `ddpo sample` loads) and their LoRA export hold it, and the fixed evaluation set
     (eval.num_steps) samples with it; training goes on from the trained weights (training_weights.safetensors).
     Flow-GRPO: 0.9 every 8 steps."""
@@ -91,8 +91,8 @@ class TrainConfig(Section):
     """The policy's optimizer: torch's AdamW, or bitsandbytes' 8-bit AdamW (needs bitsandbytes installed)."""
     gradient_from_sampling: bool = False
     """Take the on-policy samples' gradient (DDPO-IS, GRPO: the first optimizer step's samples; DDPO-SF: all) from
-    the sampling pass instead of a second forward pass (ddpo.core.onpolicy): the same update, one forward pass per
-    denoising step fewer for those samples. Needs LoRA, timestep_fraction 1 and the sampling precision of
+    the sampling pass instead of a second forward pass (ddpo.core.engine.onpolicy): the same update, one forward
+    pass per denoising step fewer for those samples. Needs LoRA, timestep_fraction 1 and the sampling precision of
     training; ddpo-is without kl_weight, ddpo-sf, or grpo without kl_beta."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass: less memory, about a third more compute."""
@@ -270,8 +270,8 @@ def resolve_config(config_file: str | Path | None = None, sets: list[str] | tupl
         base: a lowest user layer (the saved config of a run being resumed).
         preset: the name of a registered preset, a layer under `base`.
     """
-    from ddpo.core.plugins import get_registry
-    from ddpo.core.presets import find_preset
+    from ddpo.core.configuration.presets import find_preset
+    from ddpo.core.plugin_api.registry import get_registry
 
     user = find_preset(get_registry().presets, preset).config if preset is not None else {}
     user = merge(user, base or {})
@@ -343,7 +343,7 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
 
 
 def _check_gradient_from_sampling(config: RunConfig, algorithm) -> None:
-    """What `train.gradient_from_sampling` needs (ddpo.core.onpolicy); LoRA is checked when the model loads."""
+    """What `train.gradient_from_sampling` needs (ddpo.core.engine.onpolicy); LoRA is checked when the model loads."""
     name = "train.gradient_from_sampling=true"
     on_policy = algorithm.on_policy_samples(config)
     if not on_policy:

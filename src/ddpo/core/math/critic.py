@@ -7,7 +7,7 @@ and register them with `run.register_module`, which trains, syncs and checkpoint
   learned embedding of the step index, then one linear output.
 - `TemporalCriticHead` is TDPO-R's temporal critic (Zhang et al. 2024): V(features of x_t) only — no step, no
   prompt — an MLP in→1024→128→64→16→1 without activations on `CriticFeatures` (the decoded state's CLIP
-  embedding, or its pixels through a small conv stem), whose neurons `ddpo.core.neurons` scores and resets.
+  embedding, or its pixels through a small conv stem), whose neurons `ddpo.core.math.neurons` scores and resets.
   Its weights are drawn N(0, std) at initialisation and at every reset, biases 0. The official code uses one
   std for every layer, 1/(w+1) with w the width the MLP reads (768 for CLIP ViT-L/14, 1024 for PickScore and
   HPSv2: tdpo_pytorch/critic_model.py:33, neuron_recycler.py:140 and :174); `per-layer`, ddpo's first reading,

@@ -15,7 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from ddpo.core.layout import METRICS_FILE
+from ddpo.core.configuration.layout import METRICS_FILE
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

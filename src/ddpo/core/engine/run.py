@@ -17,14 +17,14 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ddpo.core.advantages import PerPromptStatTracker, batch_advantages
-from ddpo.core.base import Algorithm, PromptSet, Reward
-from ddpo.core.config import RunConfig
-from ddpo.core.ema import WeightAverage
-from ddpo.core.guards import RunGuard
-from ddpo.core.model import Model
-from ddpo.core.onpolicy import SampledGradients
-from ddpo.core.optim import POLICY, GradientAccumulator, TrainedModule
+from ddpo.core.configuration.config import RunConfig
+from ddpo.core.engine.ema import WeightAverage
+from ddpo.core.engine.guards import RunGuard
+from ddpo.core.engine.onpolicy import SampledGradients
+from ddpo.core.engine.optim import POLICY, GradientAccumulator, TrainedModule
+from ddpo.core.math.advantages import PerPromptStatTracker, batch_advantages
+from ddpo.core.plugin_api.base import Algorithm, PromptSet, Reward
+from ddpo.core.plugin_api.model import Model
 
 
 def derive_seed(*parts: Any) -> int:
@@ -62,9 +62,9 @@ class Run:
     """Ctrl-C and numerical guards shared by the run's gradient accumulators (see guards.py)."""
     sampled_gradients: SampledGradients | None = None
     """With `train.gradient_from_sampling`: this epoch's per-sample gradients of the log-probs, taken while
-    sampling, for this process's first samples (`ddpo.core.policy.add_sampled_gradients` uses them)."""
+    sampling, for this process's first samples (`ddpo.core.math.policy.add_sampled_gradients` uses them)."""
     weight_average: WeightAverage | None = None
-    """With `train.ema_decay`: the moving average of the policy's trained weights (ddpo.core.ema)."""
+    """With `train.ema_decay`: the moving average of the policy's trained weights (ddpo.core.engine.ema)."""
 
     def __post_init__(self) -> None:
         if POLICY not in self.modules:

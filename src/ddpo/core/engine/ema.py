@@ -7,7 +7,7 @@ After the optimizer step that makes n steps so far, when (n + 1) is a multiple o
     ema  += (1 − d_n) (θ − ema)
 
 `applied()` puts the average into the model for a while (evaluation, saving) and the trained weights back after.
-Training always continues from the trained weights; a checkpoint holds both (ddpo.core.checkpoint).
+Training always continues from the trained weights; a checkpoint holds both (ddpo.core.engine.checkpoint).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from ddpo.core.distributed import shard_like
+from ddpo.core.engine.distributed import shard_like
 
 WARMUP_OFFSET = 10
 """The warm-up's d_n = (1 + n) / (10 + n) reaches 0.9 at n = 80."""

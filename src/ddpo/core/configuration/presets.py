@@ -17,10 +17,10 @@ from typing import Any
 import pydantic
 import yaml
 
-from ddpo.core.errors import UsageError, unknown_name_error
-from ddpo.core.hookspecs import hookimpl
+from ddpo.core.configuration.errors import UsageError, unknown_name_error
+from ddpo.core.plugin_api.hookspecs import hookimpl
 
-BUILTIN_DIRECTORY = Path(__file__).resolve().parent.parent / "presets"
+BUILTIN_DIRECTORY = Path(__file__).resolve().parents[2] / "presets"
 
 
 class PresetInfo(pydantic.BaseModel):

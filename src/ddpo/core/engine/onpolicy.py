@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 
 class PerSampleLinear(nn.Module):

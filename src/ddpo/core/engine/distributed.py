@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ddpo.core.config import RunConfig
+    from ddpo.core.configuration.config import RunConfig
 
 
 def _launched_with_fsdp() -> bool:

@@ -4,7 +4,7 @@ without importing torch.
 
     RUN_DIR/config.yaml                  the resolved run config
     RUN_DIR/metrics.jsonl                one JSON record per epoch
-    RUN_DIR/checkpoints/epoch_NNNN/      a complete checkpoint (ddpo.core.checkpoint)
+    RUN_DIR/checkpoints/epoch_NNNN/      a complete checkpoint (ddpo.core.engine.checkpoint)
 """
 
 from __future__ import annotations

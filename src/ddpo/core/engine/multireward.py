@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from ddpo.core.base import Options, Reward
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.plugin_api.base import Options, Reward
 
 if TYPE_CHECKING:
     import torch
 
-    from ddpo.core.run import Run
-    from ddpo.core.schema import Trajectory
+    from ddpo.core.engine.run import Run
+    from ddpo.core.plugin_api.schema import Trajectory
 
 MULTI = "multi"
 EXTRAS_PREFIX = "reward/"
@@ -54,8 +54,8 @@ class Component(pydantic.BaseModel):
 
 def _validate_component(label: str, component: Component) -> Component:
     """The component with its plugin resolved and its options validated (and filled in) by the plugin."""
-    from ddpo.core.config import describe_validation_error
-    from ddpo.core.plugins import get_registry
+    from ddpo.core.configuration.config import describe_validation_error
+    from ddpo.core.plugin_api.registry import get_registry
 
     name = component.reward or label
     if name == MULTI or "+" in name:
@@ -89,7 +89,7 @@ class MultiReward(Reward):
             return {label: _validate_component(label, component) for label, component in components.items()}
 
     def load(self, device):
-        from ddpo.core.plugins import get_registry
+        from ddpo.core.plugin_api.registry import get_registry
 
         registry = get_registry()
         self.rewards = {label: registry.get("rewards", component.reward)(component.plugin_options())
@@ -99,7 +99,7 @@ class MultiReward(Reward):
 
     def score_components(self, images, prompts, metadata) -> dict[str, torch.Tensor]:
         """Every component's checked scores (B,) for one batch, by label."""
-        from ddpo.core.rollout import score
+        from ddpo.core.engine.rollout import score
 
         return {label: score(reward, images, prompts, metadata) for label, reward in self.rewards.items()}
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 FIXED_ON_RESUME = ("algorithm.name", "model.name", "model.pretrained", "model.use_lora", "model.lora_rank",
                    "sample.batch_size", "sample.batches_per_epoch", "sample.num_steps",
@@ -130,8 +130,8 @@ def probe_rewards(model, rewards: list, prompt_set, registry) -> None:
 
     import torch
 
-    from ddpo.core.multireward import MultiReward
-    from ddpo.core.rollout import score
+    from ddpo.core.engine.multireward import MultiReward
+    from ddpo.core.engine.rollout import score
 
     with torch.no_grad():
         images = model.decode(model.initial_noise(PROBE_IMAGES, torch.Generator().manual_seed(0)))

@@ -1,7 +1,7 @@
 """Base classes that plugins subclass: options, rewards, algorithms, prompt sets.
 
 Importing this module is cheap (no torch): `ddpo list` reads plugin classes without loading any model.
-The model base class lives in `ddpo.core.model`.
+The model base class lives in `ddpo.core.plugin_api.model`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pydantic
 if TYPE_CHECKING:
     import torch
 
-    from ddpo.core.config import RunConfig
-    from ddpo.core.schema import Trajectory
-    from ddpo.core.run import Run
+    from ddpo.core.configuration.config import RunConfig
+    from ddpo.core.engine.run import Run
+    from ddpo.core.plugin_api.schema import Trajectory
 
 
 class Options(pydantic.BaseModel):

@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 
 if TYPE_CHECKING:
-    from ddpo.core.ema import WeightAverage
-    from ddpo.core.guards import RunGuard
+    from ddpo.core.engine.ema import WeightAverage
+    from ddpo.core.engine.guards import RunGuard
 
 POLICY = "policy"
 """The name of the trained module that is the denoiser."""
@@ -109,7 +109,7 @@ class GradientAccumulator:
 
     def add_gradients(self, parameters: list[torch.nn.Parameter], gradients: list[torch.Tensor], size: int) -> None:
         """Accumulate gradients computed elsewhere as `size` micro-steps: `gradients` are those of the sum of the
-        `size` micro-steps' losses (ddpo.core.onpolicy's, from the sampling pass), scaled like `backward`'s. If
+        `size` micro-steps' losses (ddpo.core.engine.onpolicy's, from the sampling pass), scaled like `backward`'s. If
         they complete an optimizer step, the step is taken, the gradients averaged over processes first (no
         backward pass did)."""
         self._check_fits(size)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ddpo.core.config import RunConfig
-from ddpo.core.errors import UsageError
-from ddpo.core.images import make_grid, save_png
-from ddpo.core.plugins import get_registry
-from ddpo.core.rollout import sample_batch
+from ddpo.core.configuration.config import RunConfig
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.rollout import sample_batch
+from ddpo.core.plugin_api.registry import get_registry
 
 
 def ensure_device_available(device: str) -> None:

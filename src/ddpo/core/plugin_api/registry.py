@@ -1,5 +1,5 @@
 """The plugin manager: entry-point discovery, and the registry of algorithms, rewards, models and prompt sets
-(and of presets, `ddpo.core.presets`).
+(and of presets, `ddpo.core.configuration.presets`).
 
 Built-ins are entry points of the `ddpo` distribution itself, so they are found the same way as third-party
 plugins. `DDPO_LOAD_PLUGINS=a,b` loads only the third-party entry points named a and b (empty: none);
@@ -16,11 +16,11 @@ from importlib import metadata
 
 import pluggy
 
-from ddpo.core import hookspecs
-from ddpo.core.base import Algorithm, Plugin, PromptSet, Reward
-from ddpo.core.errors import unknown_name_error
-from ddpo.core.model import Model
-from ddpo.core.presets import Preset, make_register
+from ddpo.core.configuration.errors import unknown_name_error
+from ddpo.core.configuration.presets import Preset, make_register
+from ddpo.core.plugin_api import hookspecs
+from ddpo.core.plugin_api.base import Algorithm, Plugin, PromptSet, Reward
+from ddpo.core.plugin_api.model import Model
 
 GROUP = "ddpo"
 KINDS = ("algorithms", "rewards", "models", "prompts")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ddpo.core.config import TrainConfig
+    from ddpo.core.configuration.config import TrainConfig
 
 INTERRUPTED_EXIT_CODE = 130
 SAMPLING = "sampling"
@@ -191,7 +191,7 @@ def stop_cleanly(run, error: BaseException) -> BaseException:
     stopped while sampling, the state after the previous epoch (if not saved yet), from which `--resume`
     continues exactly; stopped during the update, the state after the current optimizer step, as the epoch's
     checkpoint (a resume continues with the next epoch). A second Ctrl-C (KeyboardInterrupt) saves nothing."""
-    from ddpo.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+    from ddpo.core.engine.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 
     report = run.accelerator.is_main_process
     resume = (f"continue with: ddpo run --resume {run.run_dir}" if run.accelerator.num_processes == 1 else

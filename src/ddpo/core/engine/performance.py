@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ddpo.core.errors import UsageError
+from ddpo.core.configuration.errors import UsageError
 
 if TYPE_CHECKING:
-    from ddpo.core.config import TrainConfig
-    from ddpo.core.model import Model
+    from ddpo.core.configuration.config import TrainConfig
+    from ddpo.core.plugin_api.model import Model
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -18,29 +18,29 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ddpo.core.advantages import PerPromptStatTracker
-from ddpo.core.base import Algorithm, PromptSet, Reward
-from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ddpo.core.config import RunConfig, eval_label
-from ddpo.core.console import report_epoch
-from ddpo.core.distributed import make_accelerator
-from ddpo.core.ema import WeightAverage
-from ddpo.core.errors import UsageError
-from ddpo.core.evaluation import evaluate, evaluate_fixed_set
-from ddpo.core.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
-from ddpo.core.images import make_grid, save_png
-from ddpo.core.layout import CONFIG_FILE
-from ddpo.core.logging import RunLogger, truncate_metrics
-from ddpo.core.model import Model
-from ddpo.core.multireward import combine_epoch_rewards
-from ddpo.core.onpolicy import SamplingGradients
-from ddpo.core.performance import compile_denoiser, make_optimizer, prepare_denoiser
-from ddpo.core.plugins import get_plugin_manager, get_registry
-from ddpo.core.preflight import probe_rewards
-from ddpo.core.profiling import PHASES, EpochProfiler
-from ddpo.core.rollout import RolloutEngine
-from ddpo.core.run import Run, derive_seed
-from ddpo.core.sampling import ensure_device_available
+from ddpo.core.configuration.config import RunConfig, eval_label
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.configuration.layout import CONFIG_FILE
+from ddpo.core.configuration.preflight import probe_rewards
+from ddpo.core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddpo.core.engine.console import report_epoch
+from ddpo.core.engine.distributed import make_accelerator
+from ddpo.core.engine.ema import WeightAverage
+from ddpo.core.engine.evaluation import evaluate, evaluate_fixed_set
+from ddpo.core.engine.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
+from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.logging import RunLogger, truncate_metrics
+from ddpo.core.engine.multireward import combine_epoch_rewards
+from ddpo.core.engine.onpolicy import SamplingGradients
+from ddpo.core.engine.performance import compile_denoiser, make_optimizer, prepare_denoiser
+from ddpo.core.engine.profiling import PHASES, EpochProfiler
+from ddpo.core.engine.rollout import RolloutEngine
+from ddpo.core.engine.run import Run, derive_seed
+from ddpo.core.engine.sampling import ensure_device_available
+from ddpo.core.math.advantages import PerPromptStatTracker
+from ddpo.core.plugin_api.base import Algorithm, PromptSet, Reward
+from ddpo.core.plugin_api.model import Model
+from ddpo.core.plugin_api.registry import get_plugin_manager, get_registry
 
 GRID_IMAGES = 64
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,7 +84,7 @@ def _run_dir(config: RunConfig, accelerator: Accelerator, resume_dir: Path | Non
 
 def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = False) -> Path:
     """Train as the config says (resuming `resume_dir` from its newest checkpoint if given). With `profile`,
-    one epoch is traced with torch.profiler into the run directory (ddpo.core.profiling).
+    one epoch is traced with torch.profiler into the run directory (ddpo.core.engine.profiling).
 
     Returns the run directory.
     """

@@ -4,7 +4,7 @@ mutable state.
 
 Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow matching, the shift):
 DDIM with eta, DDPM ancestral steps, and the flow-matching SDE of Flow-GRPO (eta is its noise level). The step
-math is in `ddpo.core.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
+math is in `ddpo.core.math.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
 for the regression losses (RWR).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ddpo.core.logprob import (
+from ddpo.core.math.logprob import (
     ddim_previous_timestep,
     ddim_step_with_logprob,
     ddpm_previous_timestep,
@@ -44,7 +44,7 @@ class Sampler:
         raise NotImplementedError
 
     def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
-        """One step with its log-probability: `(prev_sample, log_prob, mean, std)` (see `ddpo.core.logprob`);
+        """One step with its log-probability: `(prev_sample, log_prob, mean, std)` (see `ddpo.core.math.logprob`);
         steps with std 0 are deterministic (log_prob NaN) and never trained on."""
         raise NotImplementedError
 

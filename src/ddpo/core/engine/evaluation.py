@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ddpo.core.images import make_grid, save_png
-from ddpo.core.rollout import RolloutEngine, sample_batch, score
-from ddpo.core.run import Run, derive_seed
+from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.rollout import RolloutEngine, sample_batch, score
+from ddpo.core.engine.run import Run, derive_seed
 
 EVAL_DIRECTORY = "eval"
 

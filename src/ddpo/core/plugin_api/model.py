@@ -1,7 +1,7 @@
 """The model plugin base class: what the rollout engine and the algorithms ask of a diffusion model.
 
 A model plugin loads its pipeline in `load`, sets `self.denoiser` (the network being trained) and
-`self.sampler` (a `ddpo.core.samplers.Sampler`: DDIM, DDPM or the flow-matching SDE, around the pipeline's
+`self.sampler` (a `ddpo.core.math.samplers.Sampler`: DDIM, DDPM or the flow-matching SDE, around the pipeline's
 diffusers scheduler, also kept as `self.scheduler`), and implements `encode_prompts`, `predict_noise` and
 `decode`. Stepping with log-probabilities, the reference policy, LoRA, and saving/loading the trained weights
 are shared here. Importing this module does not import torch.
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pydantic
 
-from ddpo.core.base import Options, Plugin
-from ddpo.core.errors import UsageError
-from ddpo.core.startup import gc_paused
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.engine.startup import gc_paused
+from ddpo.core.plugin_api.base import Options, Plugin
 
 if TYPE_CHECKING:
     import torch
 
-    from ddpo.core.schema import Transitions
+    from ddpo.core.plugin_api.schema import Transitions
 
 TRAINABLE_WEIGHTS = "weights.safetensors"
 
@@ -71,7 +71,7 @@ class Model(Plugin):
         self.scheduler = None
         """The diffusers scheduler (the schedule's source); stepping goes through `self.sampler`."""
         self.sampler = None
-        """A `ddpo.core.samplers.Sampler` around `self.scheduler`."""
+        """A `ddpo.core.math.samplers.Sampler` around `self.scheduler`."""
         self.device = None
         self.autocast = contextlib.nullcontext
         """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
@@ -112,7 +112,7 @@ class Model(Plugin):
         `options.scheduler` (DDIM or DDPM) and `options.timestep_spacing`."""
         from diffusers import DDIMScheduler, DDPMScheduler
 
-        from ddpo.core.samplers import DDIMSampler, DDPMSampler
+        from ddpo.core.math.samplers import DDIMSampler, DDPMSampler
 
         spacing = self.options.timestep_spacing
         if spacing != "pipeline":
@@ -150,7 +150,7 @@ class Model(Plugin):
         """
         if transitions.prev_timesteps is None:
             raise ValueError("the transitions carry no prev_timesteps; sample trajectories with "
-                             "ddpo.core.rollout.sample_batch, which records them")
+                             "ddpo.core.engine.rollout.sample_batch, which records them")
         output = self.predict_noise(transitions.sample, transitions.timesteps, transitions.prompt_embeds,
                                     guidance_scale)
         _, log_prob, mean, std = self.step(output, transitions.timesteps, transitions.prev_timesteps,
@@ -222,7 +222,7 @@ class Model(Plugin):
     def sampling(self):
         """Inside, denoiser forward passes run at the sampling phase's precision (`options.sample_precision`;
         "same": under `autocast`, unchanged)."""
-        from ddpo.core.performance import sampling_autocast
+        from ddpo.core.engine.performance import sampling_autocast
 
         training_autocast = self.autocast
         self.autocast = sampling_autocast(self, self.device, training_autocast)
@@ -272,7 +272,7 @@ class Model(Plugin):
         every rank must call it (it gathers them), except inside `gathered_weights`."""
         if self._gathered is not None:
             return self._gathered
-        from ddpo.core.distributed import whole
+        from ddpo.core.engine.distributed import whole
 
         return {name: whole(parameter).to("cpu").contiguous() for name, parameter in self.trainable_named_parameters()}
 
@@ -295,7 +295,7 @@ class Model(Plugin):
             missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
             raise UsageError(f"checkpoint weights do not match model '{self.name}' with "
                              f"use_lora={self.options.use_lora}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        from ddpo.core.distributed import shard_like
+        from ddpo.core.engine.distributed import shard_like
 
         with torch.no_grad():
             for name, parameter in parameters.items():
@@ -333,7 +333,7 @@ def classifier_free_guidance(output: torch.Tensor, guidance_scale: float,
 def load_pretrained(pipeline_class: str, pretrained: str, **kwargs):
     """`diffusers.<pipeline_class>.from_pretrained(pretrained, **kwargs)`, quietly, with a usage error when
     the weights cannot be found. The imports and the loading run with the garbage collector paused
-    (`ddpo.core.startup`)."""
+    (`ddpo.core.engine.startup`)."""
     with gc_paused():
         return _load_pretrained(pipeline_class, pretrained, **kwargs)
 

@@ -1,0 +1,1 @@
+"""Analysis of finished runs: `ddpo compare`'s tables and figures over a log directory."""
