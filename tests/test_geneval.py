@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpo.core.errors import UsageError
-from ddpo.core.plugins import get_registry
+from ddpo.core.configuration.errors import UsageError
+from ddpo.core.plugin_api.registry import get_registry
 from ddpo.plugins.rewards.geneval import (BUILTIN_PROMPTS, COLORS, Detection, GenEval, GenEvalPrompts, box_iou,
                                           partial_score, relative_position, select_objects, strict_score)
 from ddpo.testing import build_tiny_clip, build_tiny_owlv2, check_prompt_set, check_reward
