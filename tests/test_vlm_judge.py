@@ -70,6 +70,15 @@ def test_score_is_the_models_yes_probability_for_the_exact_prompt(judge):
     assert judge.yes_ids == [judge.tokenizer.convert_tokens_to_ids(token) for token in ("yes", "Ġyes", "Yes", "ĠYes")]
 
 
+def test_question_takes_the_prompt_verbatim(tiny_qwen):
+    """A prompt with braces goes in as it is, and so does the question's own text around {prompt}."""
+    reward = VlmJudge({"vlm": str(tiny_qwen), "question": "Is {prompt} in {this} image?"})
+    reward.load(CPU)
+    assert reward.chat_prompt("a {curly} cat").endswith(
+        "<|vision_start|><|image_pad|><|vision_end|>Is a {curly} cat in {this} image?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
 def test_batch_scores_equal_one_by_one_with_left_padding(judge):
     images = random_images(seed=1)
     batch = judge(images, PROMPTS, [{}] * 3)
@@ -109,6 +118,9 @@ def test_errors_are_one_line_usage_errors(tiny_qwen, tmp_path, monkeypatch):
         assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="must contain {prompt}"):
         VlmJudge({"question": "Is this good?"})
+    for empty_or_several_words in ("", "yes please"):
+        with pytest.raises(ValueError, match="String should match pattern"):
+            VlmJudge({"yes": empty_or_several_words})
     import transformers
 
     monkeypatch.setattr(transformers, "AutoModelForImageTextToText", None)  # as transformers < 4.50 has it

@@ -94,10 +94,10 @@ class VlmJudge(ddpo.Reward):
         """The judge (a Qwen2-VL or Qwen2.5-VL checkpoint in transformers' format): a hub id or a local directory."""
         question: str = DEFAULT_QUESTION
         """What the judge is asked; {prompt} is replaced by the sample's prompt (default: VQAScore's question)."""
-        yes: str = "yes"
-        """The answer word scored as agreement; its case and leading-space variants count too."""
-        no: str = "no"
-        """The answer word scored as disagreement; its case and leading-space variants count too."""
+        yes: str = pydantic.Field("yes", pattern=r"^\S+$")
+        """The answer word scored as agreement (one word); its case and leading-space variants count too."""
+        no: str = pydantic.Field("no", pattern=r"^\S+$")
+        """The answer word scored as disagreement (one word); its case and leading-space variants count too."""
         max_pixels: int = pydantic.Field(512 * 512, ge=28 * 28)
         """Largest image given to the judge, in pixels (a 28x28 block is one image token); larger ones are shrunk."""
         dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -154,7 +154,7 @@ class VlmJudge(ddpo.Reward):
         """The judge's input text for one prompt: the chat template with one image and the question, up to the
         opening of the assistant's answer; the image is a single image token until `inputs` expands it."""
         conversation = [{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": self.options.question.format(prompt=prompt)}]}]
+            {"type": "image"}, {"type": "text", "text": self.options.question.replace("{prompt}", prompt)}]}]
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def inputs(self, images, prompts: list[str]) -> dict:
