@@ -20,16 +20,16 @@ Qwen2.5-VL-Instruct) are read by generating a rated answer and parsing it; readi
 takes one forward pass and gives a score that moves smoothly with the image. Any Qwen2-VL or Qwen2.5-VL
 checkpoint in transformers' format loads here, UnifiedReward's included.
 
-Default VLM: `Qwen/Qwen2-VL-2B-Instruct`. It answers a plain yes/no question with "Yes"/"No" as its first token,
-while the UnifiedReward checkpoints are fine-tuned to answer their own judging prompts (scores, reasons) and a
-bare yes/no question is off their training distribution; and at 2.2B parameters it fits beside the diffusion
-model on one GPU. `Qwen/Qwen2-VL-7B-Instruct` or `Qwen/Qwen2.5-VL-7B-Instruct` judge better (VQAScore found
+Default VLM: `Qwen/Qwen2-VL-2B-Instruct`, a general instruct model, which a question ending "answer yes or no"
+asks for the answer format this reward reads; the UnifiedReward checkpoints are fine-tuned to answer their own
+judging prompts (scores, reasons), so a bare yes/no question is off their training distribution. At 2.2B
+parameters it fits beside the diffusion model on one GPU. `Qwen/Qwen2-VL-7B-Instruct` or `Qwen/Qwen2.5-VL-7B-Instruct` judge better (VQAScore found
 larger VLMs closer to human judgements) at about 4x the memory.
 
 Inputs are built from the checkpoint's tokenizer (its chat template) and image processor, joined as
 `Qwen2VLProcessor` joins them: the image placeholder is repeated once per merged 28x28 patch. The processor itself
-is not loaded because in transformers 5 it cannot be built without torchvision (for its video part), which ddpo
-does not need otherwise. Images go to the image processor as tensors (B, 3, H, W) in [0, 1] with
+is not loaded because transformers 5 (5.25 at least) cannot build it without torchvision (for its video part),
+which ddpo does not need otherwise. Images go to the image processor as tensors (B, 3, H, W) in [0, 1] with
 `do_rescale=False`; it resizes each side to a multiple of 28 pixels with at most `max_pixels` pixels (512x512
 gives 324 image tokens). With torchvision installed it does so on the tensors; without, transformers' PIL backend
 resizes through an 8-bit image, as it would for a PIL input. Batched with left padding, so the last position of
