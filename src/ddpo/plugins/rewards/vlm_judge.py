@@ -23,8 +23,9 @@ checkpoint in transformers' format loads here, UnifiedReward's included.
 Default VLM: `Qwen/Qwen2-VL-2B-Instruct`, a general instruct model, which a question ending "answer yes or no"
 asks for the answer format this reward reads; the UnifiedReward checkpoints are fine-tuned to answer their own
 judging prompts (scores, reasons), so a bare yes/no question is off their training distribution. At 2.2B
-parameters it fits beside the diffusion model on one GPU. `Qwen/Qwen2-VL-7B-Instruct` or `Qwen/Qwen2.5-VL-7B-Instruct` judge better (VQAScore found
-larger VLMs closer to human judgements) at about 4x the memory.
+parameters it fits beside the diffusion model on one GPU. `Qwen/Qwen2-VL-7B-Instruct` or
+`Qwen/Qwen2.5-VL-7B-Instruct` judge better (VQAScore found larger VLMs closer to human judgements) at about 4x
+the memory.
 
 Inputs are built from the checkpoint's tokenizer (its chat template) and image processor, joined as
 `Qwen2VLProcessor` joins them: the image placeholder is repeated once per merged 28x28 patch. The processor itself
