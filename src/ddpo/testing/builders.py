@@ -283,7 +283,7 @@ def _byte_level_qwen2_tokenizer(words: tuple[str, ...]):
 def build_tiny_qwen2_vl(directory: str | Path, seed: int = 0, words: tuple[str, ...] = ("Yes", "yes", "No", "no"),
                         patch_size: int = 4) -> Path:
     """Save a random `Qwen2VLForConditionalGeneration` (a one-block vision tower and a two-layer decoder, about
-    70k parameters), its tokenizer (byte-level BPE holding `words` as single tokens, with Qwen2-VL's chat
+    40k parameters), its tokenizer (byte-level BPE holding `words` as single tokens, with Qwen2-VL's chat
     template) and its image-processor config (`patch_size`-pixel patches merged 2x2) to `directory`, loadable
     offline by `AutoModelForImageTextToText`, `AutoTokenizer` and `AutoImageProcessor`."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
