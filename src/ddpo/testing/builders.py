@@ -262,3 +262,74 @@ def build_tiny_owlv2(directory: str | Path, seed: int = 0, image_size: int = 32)
     image_processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+QWEN2_VL_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                           "<|image_pad|>", "<|video_pad|>")
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""Qwen2-VL-Instruct's conversation format: a default system turn, `<|im_start|>ROLE\\n...<|im_end|>\\n` turns, an
+image as `<|vision_start|><|image_pad|><|vision_end|>`, and `<|im_start|>assistant\\n` opening the answer."""
+
+
+def _byte_level_qwen2_tokenizer(words: tuple[str, ...]):
+    """A Qwen2 byte-level BPE tokenizer whose vocabulary is the 256 byte symbols, Qwen2-VL's special tokens and
+    `words` (each also with a leading space) as single tokens, built locally (no download)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    tokens = sorted(ByteLevel.alphabet())
+    merges = []
+    for word in words:
+        merged = word[0]
+        for character in word[1:]:
+            merges.append(f"{merged} {character}")
+            merged += character
+            tokens.append(merged)
+        merges.append(f"Ġ {word}")  # "Ġ" is the byte-level symbol of a space
+        tokens.append("Ġ" + word)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_path, merges_path = Path(scratch) / "vocab.json", Path(scratch) / "merges.txt"
+        vocab_path.write_text(json.dumps({token: index for index, token in enumerate(dict.fromkeys(tokens))}))
+        merges_path.write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        tokenizer = Qwen2Tokenizer(str(vocab_path), str(merges_path), model_max_length=4096)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def build_tiny_qwen2_vl(directory: str | Path, seed: int = 0, words: tuple[str, ...] = ("Yes", "yes", "No", "no"),
+                        patch_size: int = 4) -> Path:
+    """Save a random `Qwen2VLForConditionalGeneration` (a one-block vision tower and a two-layer decoder, about
+    40k parameters), its tokenizer (byte-level BPE holding `words` as single tokens, with Qwen2-VL's chat
+    template) and its image-processor config (`patch_size`-pixel patches merged 2x2) to `directory`, loadable
+    offline by `AutoModelForImageTextToText`, `AutoTokenizer` and `AutoImageProcessor`."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _byte_level_qwen2_tokenizer(words)
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "patch_size": patch_size, "merge_size": 2,
+        "temporal_patch_size": 2, "min_pixels": (2 * patch_size) ** 2, "max_pixels": 64 * (2 * patch_size) ** 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                       pad_token_id=ids["<|endoftext|>"])
+    vision_config = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=patch_size,
+                         spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    return directory
