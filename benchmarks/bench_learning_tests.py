@@ -32,7 +32,7 @@ from pathlib import Path
 from machine import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import SHUFFLE_ENV, SHUFFLED_REWARDS_PLUGIN, make_distribution  # noqa: E402
+from helpers import SHUFFLE_ENV, SHUFFLED_REWARDS_PLUGIN, make_distribution, reward_rise  # noqa: E402
 
 
 def run(algorithm: str, target: int, seed: int, epochs: int, sets: list[str], logdir: Path, plugin: Path,
@@ -55,8 +55,9 @@ def run(algorithm: str, target: int, seed: int, epochs: int, sets: list[str], lo
     records = [json.loads(line) for line in (logdir / name / "metrics.jsonl").read_text().splitlines()]
     rewards = [record["reward/mean"] for record in records]
     return {"algorithm": algorithm, "target": target, "seed": seed, "shuffled": shuffled, "rewards": rewards,
-            "rise": (rewards[-1] + rewards[-2]) / 2 - rewards[0],
+            "rise": reward_rise(records),
             "legibility": min(record["eval/legibility/mean"] for record in records),
+            "legibilities": [record["eval/legibility/mean"] for record in records],
             "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 

@@ -98,18 +98,57 @@ def once_per_session(tmp_path_factory, name: str, make: Callable[[Path], None]) 
     return directory
 
 
-def learning_run(cli, tmp_path: Path, algorithm: str, target: int, seed: int, epochs: int, *sets: str,
-                 shuffled: bool = False) -> list[dict]:
+def learning_command(cli, tmp_path: Path, algorithm: str, target: int, seed: int, epochs: int, *sets: str,
+                     shuffled: bool = False) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """`ddpo run --algo ALGORITHM` on the embedded digits task towards `target` with legibility evaluated, through
     `cli` (conftest's `forked_cli`); with `shuffled`, the control run whose rewards are permuted among the samples.
-    Returns each epoch's metrics."""
-    name = f"{algorithm}-t{target}-s{seed}{'-shuffled' if shuffled else ''}"
+    Returns the command's result and each epoch's metrics; the run directory is `tmp_path / learning_name(...)`."""
+    name = learning_name(algorithm, target, seed, shuffled)
     extra = [argument for assignment in sets for argument in ("--set", assignment)]
     result = cli.run("run", "--algo", algorithm, "--epochs", str(epochs), "--seed", str(seed),
                      "--set", f"reward.target={target}", "--set", "eval.rewards=[legibility]", *extra,
                      "--logdir", str(tmp_path), "--run-name", name, env={SHUFFLE_ENV: "1"} if shuffled else None)
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(tmp_path / name)
+    return result, read_metrics(tmp_path / name)
+
+
+def learning_run(cli, tmp_path: Path, algorithm: str, target: int, seed: int, epochs: int, *sets: str,
+                 shuffled: bool = False) -> list[dict]:
+    """Each epoch's metrics of `learning_command`'s run."""
+    return learning_command(cli, tmp_path, algorithm, target, seed, epochs, *sets, shuffled=shuffled)[1]
+
+
+def learning_name(algorithm: str, target: int, seed: int, shuffled: bool = False) -> str:
+    """The run's directory under the log directory."""
+    return f"{algorithm}-t{target}-s{seed}{'-shuffled' if shuffled else ''}"
+
+
+def reward_rise(records: list[dict]) -> float:
+    """The learning tests' measure (and benchmarks/bench_learning_tests.py's): the mean reward of the last two
+    epochs minus the first epoch's, which samples the base model."""
+    rewards = [record["reward/mean"] for record in records]
+    return (rewards[-1] + rewards[-2]) / 2 - rewards[0]
+
+
+def learning_cases(pairs: list[tuple[int, int]], control: tuple[int, int]) -> list:
+    """pytest parameters (target, seed, shuffled) of a learning test: each pair learning, then the control pair with
+    shuffled rewards; one test case per run, so that xdist spreads them over its workers."""
+    import pytest
+
+    return [pytest.param(target, seed, False, id=f"t{target}-s{seed}") for target, seed in pairs] + [
+        pytest.param(*control, True, id=f"t{control[0]}-s{control[1]}-shuffled")]
+
+
+def assert_learned(records: list[dict], shuffled: bool, threshold: float, min_legibility: float) -> None:
+    """A learning run's reward rose by more than `threshold` and its samples stayed digits (every epoch's
+    legibility above `min_legibility`); a control run's (`shuffled`) rose by less than `threshold`."""
+    rewards = [round(record["reward/mean"], 3) for record in records]
+    if shuffled:
+        assert reward_rise(records) < threshold, rewards
+        return
+    assert reward_rise(records) > threshold, rewards
+    legibility = [round(record["eval/legibility/mean"], 3) for record in records]
+    assert min(legibility) > min_legibility, legibility
 
 
 CLI_CASES = r'''

@@ -243,7 +243,8 @@ def test_d3po_runs_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
         assert set(D3PO_TAGS) <= record.keys(), record
         assert record["d3po/pairs"] in (1, 2)  # compressibility can tie on this tiny model
         assert record["train/optimizer_steps"] == 1  # 2 pairs, tied or not, x grad_accum 2
-        assert record["loss/total"] == record["loss/policy"] and record["policy/ratio_dev_first"] == 0
+        assert record["loss/total"] == record["loss/policy"]
+        assert record["policy/ratio_dev_first"] < 1e-5  # batch 2 recomputes batch 4's log-probs: equal up to rounding
     first, second = records
     # The epoch mean over both pairs' micro-steps: log 2 for a judged pair, 0 for a tied one.
     assert first["loss/policy"] == pytest.approx(math.log(2) * first["d3po/pairs"] / 2, rel=1e-6)
@@ -251,7 +252,8 @@ def test_d3po_runs_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
     assert first["d3po/clamped_fraction"] == 0
     assert second["d3po/margin"] != 0
     # Each epoch trains at its own sampling policy until its one step: the ratio to it is 1 throughout.
-    assert all(record["policy/approx_kl"] == 0 and record["policy/ratio_mean"] == 1 for record in records)
+    assert all(record["policy/approx_kl"] < 1e-10 and record["policy/ratio_mean"] == pytest.approx(1, abs=1e-6)
+               for record in records)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ computes: DDPO's per-prompt normalisation, GRPO's groups that span processes, TD
 
 A launch costs 10-25 s of start-up, so the tests share launches, each made once per session even when xdist spreads
 the tests over workers (`helpers.once_per_session`): one TDPO-R run, stopped by Ctrl-C and resumed (`tdpo_run`),
-and GRPO's pair of runs with and without the gradient from sampling (`grpo_runs`): four launches.
+and GRPO's pair of runs with and without the gradient from sampling (`grpo_runs`): four launches, ~100 CPU-s,
+which is why the file is in the slow tier.
 Each rank writes what it saw to the run directory through the `ranks_probe` plugin (`RANKS_PROBE`); the tests
 recompute it in float64 from the two ranks' dumps concatenated in rank order, as the gathers order them.
 """
@@ -23,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_distribution, once_per_session, read_metrics, two_process_launch
+
+pytestmark = pytest.mark.slow
 
 RANKS_PROBE = '''
 """What each process saw, for the tests to recompute in one process: after every update,

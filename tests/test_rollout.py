@@ -107,7 +107,10 @@ def test_guidance_is_one_batched_unet_call_per_step_and_prompts_are_encoded_once
 
 
 @pytest.mark.parametrize("train_batch", [4, 2])
-def test_policy_ratio_is_exactly_one_before_the_first_update(sd_model, train_batch):
+def test_policy_ratio_is_one_before_the_first_update(sd_model, train_batch):
+    """Recomputed in the sampling batch, the log-probs are the sampled ones bit for bit; in a batch of another size
+    the CPU's matrix kernels may block the sums differently (on an Intel Xeon, |rho - 1| up to ~1e-6), so
+    there they agree to float32 rounding. A wrong timestep, noise or guidance is off by far more than 1e-5."""
     sd_model.denoiser.eval()
     trajectory, _ = sample_batch(sd_model, ["cat", "dog", "fox", "owl"], [{}] * 4, num_steps=6, eta=1.0,
                                  guidance_scale=5.0, generator=torch.Generator().manual_seed(3))
@@ -116,7 +119,10 @@ def test_policy_ratio_is_exactly_one_before_the_first_update(sd_model, train_bat
     with torch.no_grad():
         for transitions in trajectory.training_transitions(train_batch, torch.Generator().manual_seed(0)):
             log_prob, *_ = sd_model.step_log_prob(transitions, eta=1.0, guidance_scale=5.0)
-            assert torch.equal(torch.exp(log_prob - transitions.log_probs), torch.ones(train_batch))
+            ratio = torch.exp(log_prob - transitions.log_probs)
+            if train_batch == 4:
+                assert torch.equal(ratio, torch.ones(train_batch))
+            assert (ratio - 1).abs().max() < 1e-5, ratio
 
 
 def test_ddpm_ancestral_sampler_records_log_probs_and_skips_the_noiseless_last_step(tiny_ddpm):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,6 +56,17 @@ def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
     return yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
 
 
+def _run_argv(set_: list[str] | None, profile: bool, **flags: Any) -> list[str]:
+    """`ddpo run` arguments that repeat the given flags (for a launcher to pass on)."""
+    argv = ["run"]
+    for name, value in flags.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    for assignment in set_ or []:
+        argv += ["--set", assignment]
+    return argv + (["--profile"] if profile else [])
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(name="ddpo", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="Fine-tune diffusion models with reinforcement learning. "
@@ -70,8 +82,17 @@ def build_app() -> typer.Typer:
             device: DeviceFlag = None,
             profile: Annotated[bool, typer.Option("--profile", help="Write a torch profiler trace of one epoch "
                                                   "to RUN_DIR/profile/ (sampling, decode, reward, training "
-                                                  "labelled).")] = False):
+                                                  "labelled).")] = False,
+            distributed: Annotated[str | None, typer.Option("--distributed", help="Shard the training over "
+                                                            "processes on this machine: fsdp, zero2 or zero3 "
+                                                            "(accelerate launch with the config ddpo "
+                                                            "ships).")] = None,
+            num_processes: Annotated[int | None, typer.Option("--num-processes", min=1, help="Processes for "
+                                                              "--distributed (default: one per GPU).")] = None):
         """Train: sample, score, update, log and checkpoint, epoch after epoch."""
+        if num_processes is not None and distributed is None:
+            raise UsageError("--num-processes goes with --distributed fsdp|zero2|zero3; without it, start "
+                             "processes with accelerate launch --num_processes N -m ddpo run ...")
         base = None
         if resume is not None:
             base = _saved_config(resume)
@@ -81,6 +102,13 @@ def build_app() -> typer.Typer:
         if base is not None:
             check_resume(base, resolved.model_dump(mode="json"))
         check_run_directory(resolved.logdir, resolved.run_name, resume)
+        if distributed is not None:
+            from ddpo.cli.launch import launch_argv
+
+            argv = launch_argv(distributed, num_processes, resolved.mixed_precision, _run_argv(
+                algo=algo, reward=reward, model=model, config=config, preset=preset, set_=set_, epochs=epochs,
+                seed=seed, logdir=logdir, run_name=run_name, resume=resume, device=device, profile=profile))
+            os.execv(argv[0], argv)
         with gc_paused():  # torch, accelerate, tensorboard
             from ddpo.core.trainer import train
 
@@ -170,6 +198,9 @@ def build_app() -> typer.Typer:
     from ddpo.cli.serve import register as register_serve_reward
 
     register_serve_reward(app)
+    from ddpo.cli.launch import register as register_launch_config
+
+    register_launch_config(app)
     from ddpo.cli.sweep import register as register_sweep
 
     register_sweep(app)

@@ -13,7 +13,8 @@
 
 A checkpoint is written into a temporary directory and renamed when complete, so a crash never leaves a
 half-written `epoch_NNNN`. Every rank calls `save_checkpoint` (gathering sharded state needs them all); the
-main process writes. Tensors are read back with `torch.load(weights_only=True)` or safetensors.
+main process writes. Under FSDP the files are the same as unsharded (ddpo.core.distributed gathers the shards
+and cuts them again on loading). Tensors are read back with `torch.load(weights_only=True)` or safetensors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddpo.core.distributed import load_optimizer_state, shard_like, whole
+from ddpo.core.distributed import optimizer_state as optimizer_state_of
 from ddpo.core.errors import UsageError
 from ddpo.core.layout import CHECKPOINTS, checkpoint_path, list_checkpoints
 from ddpo.core.model import TRAINABLE_WEIGHTS
@@ -43,20 +46,27 @@ def save_checkpoint(run: Run) -> Path:
     """Save the state after `run.epoch`; call on every rank. Returns the checkpoint directory."""
     accelerator = run.accelerator
     final = checkpoint_path(run.run_dir, run.epoch)
-    optimizer_state = run.optimizer.state_dict()
+    staging = final.with_name(final.name + ".partial")
+    optimizer_state = optimizer_state_of(run.optimizer)
     algorithm_state = run.algorithm.state_dict()
-    extra_modules = {name: (_module_state(run, trained.module), trained.optimizer.state_dict())
+    extra_modules = {name: (_module_state(run, trained.module), optimizer_state_of(trained.optimizer))
                      for name, trained in run.modules.items() if name != POLICY}
     if accelerator.is_main_process:
-        staging = final.with_name(final.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        if run.weight_average is not None:
-            save_file(run.model.trainable_state_dict(), str(staging / TRAINING_WEIGHTS))
-            with run.weight_average.applied():
+    # under FSDP every rank gathers the weights; the main process writes them
+    if run.weight_average is not None:
+        training_weights = run.model.trainable_state_dict()  # on the CPU it shares the parameters' storage:
+        if accelerator.is_main_process:  # written before the average is applied to them
+            save_file(training_weights, str(staging / TRAINING_WEIGHTS))
+        with run.weight_average.applied(), run.model.gathered_weights():
+            if accelerator.is_main_process:
                 run.model.save_weights(staging)
-        else:
-            run.model.save_weights(staging)
+    else:
+        with run.model.gathered_weights():
+            if accelerator.is_main_process:
+                run.model.save_weights(staging)
+    if accelerator.is_main_process:
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(algorithm_state, staging / "algorithm.pt")
         if extra_modules:
@@ -79,7 +89,7 @@ def save_checkpoint(run: Run) -> Path:
 def _module_state(run: Run, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state dict, unwrapped, detached, contiguous, on the CPU (for safetensors)."""
     state = run.accelerator.unwrap_model(module).state_dict()
-    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    return {name: whole(tensor).to("cpu").contiguous() for name, tensor in state.items()}
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -102,7 +112,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
         average = None
     if run.weight_average is not None:
         run.weight_average.load(average, state.get("average_optimizer_steps") or 0)
-    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    load_optimizer_state(run.optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     run.algorithm.load_state_dict(torch.load(path / "algorithm.pt", map_location="cpu", weights_only=True))
     for name, trained in run.modules.items():
         if name == POLICY:
@@ -110,9 +120,12 @@ def load_checkpoint(run: Run, path: Path) -> None:
         weights = path / MODULES / f"{name}.safetensors"
         if not weights.is_file():
             raise UsageError(f"checkpoint {path} has no weights for the algorithm's module '{name}' ({weights})")
-        run.accelerator.unwrap_model(trained.module).load_state_dict(load_file(str(weights)))
-        trained.optimizer.load_state_dict(torch.load(path / MODULES / f"{name}.optimizer.pt", map_location="cpu",
-                                                     weights_only=True))
+        module = run.accelerator.unwrap_model(trained.module)
+        held = module.state_dict()
+        module.load_state_dict({key: shard_like(held[key], value) if key in held else value
+                                for key, value in load_file(str(weights)).items()})
+        load_optimizer_state(trained.optimizer, torch.load(path / MODULES / f"{name}.optimizer.pt",
+                                                           map_location="cpu", weights_only=True))
     run.epoch, run.reward_queries = state["epoch"], state["reward_queries"]
     if run.stat_tracker is not None and state["stat_tracker"] is not None:
         run.stat_tracker.load_state_dict(state["stat_tracker"])

@@ -81,8 +81,10 @@ class TrainConfig(Section):
     """Gradients are clipped to this norm before each optimizer step."""
     ema_decay: float = pydantic.Field(0.0, ge=0, lt=1)
     """Keep an exponential moving average of the trained weights with this decay (0: none), with Flow-GRPO's
-    warm-up (ddpo.core.ema); checkpoints' weights (and their LoRA export) and the fixed evaluation set
-    (eval.num_steps) use it, training goes on from the trained weights (Flow-GRPO: 0.9 every 8 steps)."""
+    warm-up (ddpo.core.ema): after n updates the decay is min(decay, (1 + n) / (10 + n)). Checkpoints'
+    weights.safetensors (what `ddpo sample` loads) and their LoRA export hold it, and the fixed evaluation set
+    (eval.num_steps) samples with it; training goes on from the trained weights (training_weights.safetensors).
+    Flow-GRPO: 0.9 every 8 steps."""
     ema_every: int = pydantic.Field(1, ge=1)
     """Update the moving average after every N-th optimizer step."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
@@ -91,7 +93,7 @@ class TrainConfig(Section):
     """Take the on-policy samples' gradient (DDPO-IS, GRPO: the first optimizer step's samples; DDPO-SF: all) from
     the sampling pass instead of a second forward pass (ddpo.core.onpolicy): the same update, one forward pass per
     denoising step fewer for those samples. Needs LoRA, timestep_fraction 1 and the sampling precision of
-    training."""
+    training; ddpo-is without kl_weight, ddpo-sf, or grpo without kl_beta."""
     gradient_checkpointing: bool = False
     """Recompute the denoiser's activations in the backward pass: less memory, about a third more compute."""
     max_skipped_steps: int = pydantic.Field(10, ge=1)
@@ -115,16 +117,16 @@ class AdvantageConfig(Section):
 
 class EvalConfig(Section):
     rewards: list[str | PluginSection] = []
-    """Other rewards to score samples with (cross-reward evaluation): names, or sections with options
-    ({name: digit, target: 3}); logged as eval/<label>/mean, the label being the name, followed by
-    ':key=value,...' for the options given."""
+    """Other rewards to score samples with (cross-reward evaluation): names, or sections with options validated
+    like `reward` ([{name: digit, target: 3}, legibility]); logged as eval/<label>/mean, the label being the name,
+    followed by ':key=value,...' for the options given (eval/digit:target=3/mean)."""
     every: int = pydantic.Field(1, ge=1)
     """Evaluate every N epochs."""
     num_steps: int | None = pydantic.Field(None, ge=1)
     """Denoising steps of a separate evaluation sampling: a fixed set of prompts and seeds (the same every
     epoch, sample.batch_size images per process), scored by the training reward and every eval reward, its grid
     saved as eval/epoch_NNNN.png and logged as eval/images with the text eval/captions; unset: the eval rewards
-    score the epoch's training samples."""
+    score the epoch's training samples. Training log-probs are unaffected either way."""
 
     def sections(self) -> list[PluginSection]:
         """Every eval reward as a plugin section."""
@@ -163,7 +165,7 @@ class RunConfig(Section):
     reward: PluginSection = PluginSection(name="digit")
     """The training reward plugin and its options."""
     model: PluginSection = PluginSection(name="digits")
-    """The model plugin and its options (pretrained, use_lora, lora_rank, ...)."""
+    """The model plugin and its options (pretrained, use_lora, lora_rank, scheduler, ...)."""
     prompts: PluginSection = PluginSection(name="simple_animals")
     """The prompt set and its options."""
     sample: SampleConfig = SampleConfig()

@@ -16,6 +16,8 @@ import contextlib
 
 import torch
 
+from ddpo.core.distributed import shard_like
+
 WARMUP_OFFSET = 10
 """The warm-up's d_n = (1 + n) / (10 + n) reaches 0.9 at n = 80."""
 
@@ -73,6 +75,6 @@ class WeightAverage:
         """Restore a saved average and step count; with no saved average (a run that had none), start it at the
         current weights."""
         for name, parameter in self.parameters.items():
-            source = parameter.detach() if average is None else average[name]
+            source = parameter.detach() if average is None else shard_like(parameter, average[name])
             self.average[name] = source.to(parameter.device, torch.float32).clone()
         self.optimizer_steps = optimizer_steps

@@ -201,7 +201,8 @@ def flow_sde_step_with_logprob(
         timestep: σ · num_train_timesteps, a float or (B,) tensor (the scheduler's `timesteps` entries).
         sample: (B, C, H, W) x at σ.
         noise_level: η.
-        prev_sample, generator: as `ddim_step_with_logprob`.
+        prev_sample: as `ddim_step_with_logprob`.
+        generator: as `ddim_step_with_logprob`.
         prev_timestep: σ' · num_train_timesteps as recorded when sampling; None: the next entry of the
             scheduler's schedule.
 

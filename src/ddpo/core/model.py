@@ -75,6 +75,8 @@ class Model(Plugin):
         self.device = None
         self.autocast = contextlib.nullcontext
         """Context for denoiser forward passes; the trainer sets it to the accelerator's autocast."""
+        self._gathered = None
+        """Inside `gathered_weights`, the whole trainable weights."""
 
     # -- what a plugin implements -------------------------------------------------------------------
 
@@ -266,9 +268,23 @@ class Model(Plugin):
                 if parameter.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights by parameter name, detached, contiguous, on the CPU."""
-        return {name: parameter.detach().to("cpu").contiguous()
-                for name, parameter in self.trainable_named_parameters()}
+        """The trainable weights by parameter name, whole, detached, contiguous, on the CPU. With FSDP's shards
+        every rank must call it (it gathers them), except inside `gathered_weights`."""
+        if self._gathered is not None:
+            return self._gathered
+        from ddpo.core.distributed import whole
+
+        return {name: whole(parameter).to("cpu").contiguous() for name, parameter in self.trainable_named_parameters()}
+
+    @contextlib.contextmanager
+    def gathered_weights(self):
+        """Every rank enters: the trainable weights are gathered once, and inside, `trainable_state_dict` (so
+        `save_weights` and `export_weights`) answers with them on any one rank alone."""
+        self._gathered = self.trainable_state_dict()
+        try:
+            yield
+        finally:
+            self._gathered = None
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy trained weights in; the names must be exactly the trainable parameters."""
@@ -279,9 +295,11 @@ class Model(Plugin):
             missing, unexpected = sorted(set(parameters) - set(state)), sorted(set(state) - set(parameters))
             raise UsageError(f"checkpoint weights do not match model '{self.name}' with "
                              f"use_lora={self.options.use_lora}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        from ddpo.core.distributed import shard_like
+
         with torch.no_grad():
             for name, parameter in parameters.items():
-                parameter.copy_(state[name])
+                parameter.copy_(shard_like(parameter, state[name]))
 
     def save_weights(self, directory: Path) -> None:
         """Write the trainable weights (safetensors) and the model's export format into `directory`."""

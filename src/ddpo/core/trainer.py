@@ -23,6 +23,7 @@ from ddpo.core.base import Algorithm, PromptSet, Reward
 from ddpo.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddpo.core.config import RunConfig, eval_label
 from ddpo.core.console import report_epoch
+from ddpo.core.distributed import make_accelerator
 from ddpo.core.ema import WeightAverage
 from ddpo.core.errors import UsageError
 from ddpo.core.evaluation import evaluate, evaluate_fixed_set
@@ -52,7 +53,7 @@ def default_run_name(config: RunConfig) -> str:
 
 def _accelerator(config: RunConfig) -> Accelerator:
     ensure_device_available(config.device)
-    return Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    return make_accelerator(config)
 
 
 def _seed_everything(seed: int) -> None:
@@ -108,6 +109,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
     probe_rewards(model, [reward, *eval_rewards.values()], prompt_set, registry)
     optimizer = make_optimizer(model.trainable_parameters(), config.train)
     prepare_denoiser(model, config.train.gradient_checkpointing)
+    if algorithm.needs_reference:
+        model.prepare_reference()  # a copy of the unsharded weights (FSDP shards the denoiser in prepare)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     model.autocast = accelerator.autocast
     compile_denoiser(model)
@@ -123,8 +126,6 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
               prompt_set=prompt_set, run_dir=run_dir, optimizer=optimizer, stat_tracker=tracker,
               eval_rewards=eval_rewards, weight_average=average)
     run.guard = RunGuard(accelerator, config.train)
-    if algorithm.needs_reference:
-        model.prepare_reference()
     algorithm.setup(run)
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)

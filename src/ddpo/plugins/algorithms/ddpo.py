@@ -55,28 +55,22 @@ class DDPOImportanceSampling(ddpo.Algorithm):
         return 0 if self.options.kl_weight > 0 else config.train.batch_size * config.train.grad_accum
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, kl_to_reference,
-                                      policy_passes)
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
-        config = run.config
-        steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
-        accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        statistics = EpochStatistics()
-        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, self.options.clip_range)
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, sampled=sampled):
-            log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                             config.sample.guidance_scale)
-            policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                               self.options.clip_range)
-            loss = policy_loss
-            if self.options.kl_weight > 0:
-                kl = kl_to_reference(run.model, transitions, mean, std, config.sample, statistics)
-                loss = policy_loss + self.options.kl_weight * kl
-            accumulator.backward(loss)
-            statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
-            statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,
-                                 transitions.positions)
-        return statistics.summary(accumulator)
+        options, statistics = self.options, EpochStatistics()
+
+        def loss(transitions, step):
+            policy_loss, _ = clipped_surrogate(step.log_prob, transitions.log_probs, transitions.advantages,
+                                               options.clip_range)
+            total = policy_loss
+            if options.kl_weight > 0:
+                kl = kl_to_reference(run.model, transitions, step.mean, step.std, run.config.sample, statistics,
+                                     reference_mean=step.reference().mean)
+                total = policy_loss + options.kl_weight * kl
+            return total, {"loss/policy": policy_loss, "loss/total": total}
+
+        return policy_update(run, trajectory, loss, clip_range=options.clip_range, statistics=statistics,
+                             reference=("mean",) if options.kl_weight > 0 else ())
 
 
 class DDPOScoreFunction(ddpo.Algorithm):
@@ -89,33 +83,13 @@ class DDPOScoreFunction(ddpo.Algorithm):
         return config.sample.batch_size * config.sample.batches_per_epoch
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import EpochStatistics, add_sampled_gradients
+        from ddpo.core.policy import policy_update
 
-        config = run.config
-        steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
-        total = (trajectory.batch_size // config.train.batch_size) * steps_per_sample
-        accumulator = run.accumulator(total)
-        statistics = EpochStatistics()
-        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, None)
-        remaining = trajectory[sampled:]
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            bar.update(sampled // config.train.batch_size * steps_per_sample)
-            positions_done = 0
-            for transitions in ([] if not remaining.batch_size else remaining.training_transitions(
-                    config.train.batch_size, run.generator("train"), config.train.timestep_fraction,
-                    steps_per_pass=config.train.steps_per_pass, selection=config.train.timestep_selection)):
-                with accumulator.micro_step(transitions.positions):
-                    log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                           config.sample.guidance_scale)
-                    loss = -(transitions.advantages * log_prob).mean()
-                    accumulator.backward(loss)
-                statistics.add({"loss/policy": loss.item()}, transitions.positions)
-                statistics.add_ratio(log_prob, transitions.log_probs, None, positions_done < steps_per_sample,
-                                     transitions.positions)
-                positions_done += transitions.positions
-                bar.update(transitions.positions)
-        accumulator.check_finished()
-        return statistics.summary(accumulator)
+        def loss(transitions, step):
+            score_function = -(transitions.advantages * step.log_prob).mean()
+            return score_function, {"loss/policy": score_function}
+
+        return policy_update(run, trajectory, loss, once=True)
 
 
 @ddpo.hookimpl

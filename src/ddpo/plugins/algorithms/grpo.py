@@ -127,29 +127,23 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return trajectory[rows], len(rows) // minibatches
 
     def update(self, run, trajectory):
-        from ddpo.core.policy import (EpochStatistics, add_sampled_gradients, clipped_surrogate, kl_to_reference,
-                                      policy_passes)
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
-        config, model = run.config, run.model
-        steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
-        accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        statistics = EpochStatistics()
-        sampled = add_sampled_gradients(run, trajectory, accumulator, statistics, self.options.clip_range)
+        options, statistics = self.options, EpochStatistics()
+
+        def loss(transitions, step):
+            policy_loss, _ = clipped_surrogate(step.log_prob, transitions.log_probs, transitions.advantages,
+                                               options.clip_range)
+            total = policy_loss
+            if options.kl_beta > 0:
+                kl = kl_to_reference(run.model, transitions, step.mean, step.std, run.config.sample, statistics,
+                                     units="noise-level", reference_mean=step.reference().mean)
+                total = policy_loss + options.kl_beta * kl
+            return total, {"loss/policy": policy_loss, "loss/total": total}
+
         trained, batch_size = self.trained_samples(run, trajectory)
-        for transitions, first_minibatch in policy_passes(run, trained, accumulator, sampled=sampled,
-                                                          batch_size=batch_size):
-            log_prob, mean, std, _ = model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
-            policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                               self.options.clip_range)
-            loss = policy_loss
-            if self.options.kl_beta > 0:
-                kl = kl_to_reference(model, transitions, mean, std, config.sample, statistics, units="noise-level")
-                loss = policy_loss + self.options.kl_beta * kl
-            accumulator.backward(loss)
-            statistics.add({"loss/policy": policy_loss.item(), "loss/total": loss.item()}, transitions.positions)
-            statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first_minibatch,
-                                 transitions.positions)
-        summary = statistics.summary(accumulator)
+        summary = policy_update(run, trained, loss, clip_range=options.clip_range, statistics=statistics,
+                                batch_size=batch_size, reference=("mean",) if options.kl_beta > 0 else ())
         summary["grpo/zero_std_groups"] = float(self.zero_std_groups)
         summary["grpo/trained_samples"] = float(trained.batch_size)
         return summary

@@ -123,40 +123,28 @@ class TemporalDPO(ddpo.Algorithm):
 
     def update(self, run, trajectory):
         from ddpo.core.critic import clipped_value_loss
-        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference
+        from ddpo.core.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
 
-        config = run.config
-        steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
-        accumulator = run.accumulator(config.train.grad_accum, modules=("policy", "critic"))
-        total = config.train.inner_epochs * (trajectory.batch_size // config.train.batch_size) * steps_per_sample
-        statistics = EpochStatistics()
+        options, statistics = self.options, EpochStatistics()
+
+        def loss(transitions, step):
+            policy_loss, _ = clipped_surrogate(step.log_prob, transitions.log_probs, transitions.advantages,
+                                               options.clip_range)
+            values = self.critic(transitions.features)
+            value_loss = clipped_value_loss(values, transitions.values, transitions.extras["returns"],
+                                            options.value_clip)
+            total = policy_loss + options.value_coef * value_loss
+            if options.kl_weight > 0:
+                kl = kl_to_reference(run.model, transitions, step.mean, step.std, run.config.sample, statistics,
+                                     reference_mean=step.reference().mean)
+                total = total + options.kl_weight * kl
+            return total, {"loss/policy": policy_loss, "loss/value": value_loss, "critic/loss": value_loss,
+                           "loss/total": total}
+
         self.critic.train()
-        with run.progress(total, f"epoch {run.epoch}/{config.epochs} training") as bar:
-            for inner_epoch in range(config.train.inner_epochs):
-                generator = run.generator(f"train-{inner_epoch}")
-                for transitions in trajectory.training_transitions(
-                        config.train.batch_size, generator, config.train.timestep_fraction, steps_outer=True,
-                        selection=config.train.timestep_selection):
-                    first = inner_epoch == 0 and accumulator.optimizer_steps == 0
-                    with accumulator.micro_step():
-                        log_prob, mean, std, _ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                                         config.sample.guidance_scale)
-                        policy_loss, _ = clipped_surrogate(log_prob, transitions.log_probs, transitions.advantages,
-                                                           self.options.clip_range)
-                        values = self.critic(transitions.features)
-                        value_loss = clipped_value_loss(values, transitions.values, transitions.extras["returns"],
-                                                        self.options.value_clip)
-                        loss = policy_loss + self.options.value_coef * value_loss
-                        if self.options.kl_weight > 0:
-                            kl = kl_to_reference(run.model, transitions, mean, std, config.sample, statistics)
-                            loss = loss + self.options.kl_weight * kl
-                        accumulator.backward(loss)
-                    statistics.add({"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
-                                    "critic/loss": value_loss.item(), "loss/total": loss.item()})
-                    statistics.add_ratio(log_prob, transitions.log_probs, self.options.clip_range, first)
-                    bar.update(1)
-        accumulator.check_finished()
-        summary = statistics.summary(accumulator)
+        summary = policy_update(run, trajectory, loss, clip_range=options.clip_range, statistics=statistics,
+                                temporal=True, modules=("policy", "critic"),
+                                reference=("mean",) if options.kl_weight > 0 else ())
         summary["critic/explained_variance"] = self.explained_variance
         summary.update(self.neuron_statistics(run, trajectory))
         return summary

@@ -32,7 +32,7 @@ class Digits(PixelDDPM):
     # keeps what the classifier cannot see, the grey of the digits: target 7, seed 0, 20 epochs, drift 0.053
     # without it (base 0.004), 0.007 with 0.1 (0.7 reached at epoch 10 either way); 0.3 and 1 learned too slowly.
     # With 30 epochs no run needed more than 16 to pass 0.7, hence 25; at 25, all 10 targets x seeds 0-2 pass it by
-    # epoch 8-17 (benchmarks/bench_digits_targets.py, README). A minibatch's 20 steps go through the UNet in one
+    # epoch 8-17 (benchmarks/bench_digits_targets.py, docs/models.md). A minibatch's 20 steps go through the UNet in one
     # pass of 320 rows (same update, 1.9x faster here), so `ddpo run` takes about two minutes.
     run_defaults = {
         **PixelDDPM.run_defaults,

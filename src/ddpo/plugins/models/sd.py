@@ -98,7 +98,8 @@ class StableDiffusion(ddpo.Model):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unwrapped_denoiser()))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unwrapped_denoiser(),
+                                                                           state_dict=self.trainable_state_dict()))
         StableDiffusionPipeline.save_lora_weights(Path(directory) / LORA_DIRECTORY, unet_lora_layers=layers,
                                                   safe_serialization=True)
 

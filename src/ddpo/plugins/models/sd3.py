@@ -143,7 +143,7 @@ class StableDiffusion3(ddpo.Model):
         from peft.utils import get_peft_model_state_dict
 
         transformer = self.unwrapped_denoiser()
-        layers = get_peft_model_state_dict(transformer)
+        layers = get_peft_model_state_dict(transformer, state_dict=self.trainable_state_dict())
         # the adapter config (alpha, rank) travels in the file's metadata, so the loader scales by alpha / rank
         StableDiffusion3Pipeline.save_lora_weights(
             Path(directory) / LORA_DIRECTORY, transformer_lora_layers=layers, safe_serialization=True,
