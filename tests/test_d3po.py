@@ -1,6 +1,7 @@
 """D3PO: the pairwise loss against a float64 hand computation, its update on real pairs of a tiny DDPM,
 learning on the digits demo, a run on a tiny SD pipeline, and human labels: export, label, train, bad files."""
 
+import itertools
 import json
 import math
 
@@ -10,12 +11,12 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from helpers import read_metrics
+from helpers import learning_run, read_metrics
 from ddpo.cli import main
 from ddpo.core.configuration.config import resolve_config
 from ddpo.core.engine.rollout import sample_batch
 from ddpo.core.engine.run import Run
-from ddpo.plugins.algorithms.d3po import D3PO, pair_labels, preference_loss
+from ddpo.plugins.algorithms.d3po import D3PO, net_preferences, preference_loss, preference_pairs
 from ddpo.plugins.models.ddpm import PixelDDPM
 
 BETA, EPS = 0.1, 0.1
@@ -30,17 +31,34 @@ def cli(*args):
 
 # -- the loss ----------------------------------------------------------------------------------------------
 
-def hand_loss(log_prob, ref_log_prob, rewards):
-    """Float64 D3PO loss, margins and accuracy, pair by pair, from the formula."""
+def hand_pairs(rewards, group_size=2, tie_margin=0.0):
+    """Every pair (a, b), a < b, of each group of consecutive rows with its winner and loser, enumerated with
+    itertools in float64: `(a, b, winner, loser)`, winner None for a tie (rewards less than tie_margin apart)."""
+    pairs = []
+    for start in range(0, len(rewards), group_size):
+        for a, b in itertools.combinations(range(start, start + group_size), 2):
+            gap = float(rewards[a]) - float(rewards[b])
+            if gap == 0 or abs(gap) < tie_margin:
+                pairs.append((a, b, None, None))
+            else:
+                pairs.append((a, b, a, b) if gap > 0 else (a, b, b, a))
+    return pairs
+
+
+def hand_loss(log_prob, ref_log_prob, rewards, group_size=2, tie_margin=0.0):
+    """Float64 D3PO loss and margins, pair by pair, from the formula."""
     losses, margins = [], []
-    for j in range(len(rewards) // 2):
-        if rewards[2 * j] == rewards[2 * j + 1]:
+    for _, _, w, l in hand_pairs(rewards, group_size, tie_margin):
+        if w is None:
             continue
-        w, l = (2 * j, 2 * j + 1) if rewards[2 * j] > rewards[2 * j + 1] else (2 * j + 1, 2 * j)
         rho = [min(max(math.exp(log_prob[k] - ref_log_prob[k]), 1 - EPS), 1 + EPS) for k in (w, l)]
         losses.append(-math.log(1 / (1 + math.exp(-BETA * (math.log(rho[0]) - math.log(rho[1]))))))
         margins.append(BETA * ((log_prob[w] - ref_log_prob[w]) - (log_prob[l] - ref_log_prob[l])))
     return sum(losses) / max(len(losses), 1), margins
+
+
+def pairs_of(rewards, group_size=2, tie_margin=0.0):
+    return preference_pairs(torch.tensor(rewards), group_size, tie_margin)
 
 
 def test_loss_and_margins_match_a_float64_hand_computation():
@@ -48,26 +66,54 @@ def test_loss_and_margins_match_a_float64_hand_computation():
     ref_log_prob = [0.0, 0.01, -0.01, 0.0, 0.02, 0.03, 0.0, 0.0]
     rewards = [0.2, 0.7, 0.9, 0.1, 0.5, 0.4, 0.3, 0.3]  # pair 3 is a tie
     loss, margin, valid, clamped = preference_loss(torch.tensor(log_prob), torch.tensor(ref_log_prob),
-                                          pair_labels(torch.tensor(rewards)), BETA, EPS)
+                                                   pairs_of(rewards), BETA, EPS)
     expected_loss, expected_margins = hand_loss(log_prob, ref_log_prob, rewards)
     assert valid.tolist() == [True, True, True, False]
     assert clamped.tolist() == [False, False, True, False, False, True, False, False]
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
     assert margin[valid].tolist() == pytest.approx(expected_margins, rel=1e-5)
-    assert pair_labels(torch.tensor(rewards)).tolist() == [-1, 1, 1, -1, 1, -1, 0, 0]
+    assert net_preferences(torch.tensor(rewards)).tolist() == [-1, 1, 1, -1, 1, -1, 0, 0]
+
+
+def test_groups_train_every_pair_as_a_hand_enumeration_does():
+    # Two groups of 4 (the official human-feedback pipeline trains all pairs of its groups of 7), with a tie (rows
+    # 1, 2) and two pairs closer than the tie margin 0.05 (rows 4, 6 and 5, 7).
+    rewards = [0.2, 0.7, 0.7, 0.1, 0.5, 0.43, 0.52, 0.4]
+    log_prob = [0.05, -0.02, 0.3, 0.01, -0.04, -0.5, 0.08, 0.02]
+    ref_log_prob = [0.0, 0.01, -0.01, 0.0, 0.02, 0.03, 0.0, 0.0]
+    for tie_margin in (0.0, 0.05):
+        expected = hand_pairs(rewards, 4, tie_margin)
+        first, second, direction = pairs_of(rewards, 4, tie_margin)
+        assert len(expected) == 2 * 6
+        assert list(zip(first.tolist(), second.tolist())) == [(a, b) for a, b, _, _ in expected]
+        assert direction.tolist() == [0 if w is None else 1 if w == a else -1 for a, _, w, _ in expected]
+
+        net = [0] * len(rewards)
+        for _, _, w, l in expected:
+            if w is not None:
+                net[w] += 1
+                net[l] -= 1
+        assert net_preferences(torch.tensor(rewards), 4, tie_margin).tolist() == net
+
+        loss, margin, valid, _ = preference_loss(torch.tensor(log_prob), torch.tensor(ref_log_prob),
+                                                 (first, second, direction), BETA, EPS)
+        expected_loss, expected_margins = hand_loss(log_prob, ref_log_prob, rewards, 4, tie_margin)
+        assert int(valid.sum()) == len(expected_margins) == sum(w is not None for *_, w, _ in expected)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+        assert margin[valid].tolist() == pytest.approx(expected_margins, rel=1e-5)
+    assert net == [-1, 2, 2, -3, 2, -2, 2, -2]  # with the margin, 4 and 6 tie, and 5 and 7
 
 
 def test_a_tied_pair_adds_no_loss_and_no_gradient():
     log_prob = torch.tensor([0.03, -0.02, 0.05, 0.01], requires_grad=True)
-    loss, _, valid, _ = preference_loss(log_prob, torch.zeros(4), pair_labels(torch.tensor([1.0, 0.0, 0.5, 0.5])),
-                                     BETA, EPS)
+    loss, _, valid, _ = preference_loss(log_prob, torch.zeros(4), pairs_of([1.0, 0.0, 0.5, 0.5]), BETA, EPS)
     loss.backward()
     alone, _ = hand_loss([0.03, -0.02], [0.0, 0.0], [1.0, 0.0])
     assert loss.item() == pytest.approx(alone, rel=1e-6)  # the mean is over the one valid pair
     assert log_prob.grad[2:].tolist() == [0.0, 0.0] and (log_prob.grad[:2] != 0).all()
 
     all_tied = torch.tensor([0.03, -0.02], requires_grad=True)
-    loss, _, valid, _ = preference_loss(all_tied, torch.zeros(2), pair_labels(torch.tensor([0.5, 0.5])), BETA, EPS)
+    loss, _, valid, _ = preference_loss(all_tied, torch.zeros(2), pairs_of([0.5, 0.5]), BETA, EPS)
     loss.backward()  # still a differentiable zero: the micro-step happens
     assert loss.item() == 0.0 and all_tied.grad.tolist() == [0.0, 0.0] and not valid.any()
 
@@ -76,8 +122,7 @@ def test_the_clamp_stops_the_gradient_of_a_ratio_outside_one_plus_minus_eps():
     # Member 0's ratio exp(0.2) > 1.1 is clamped; member 1's exp(-0.05) is inside. Then a ratio that would
     # overflow exp() in float32 (log-ratio 200, possible at low-noise steps): still finite, no gradient.
     log_prob = torch.tensor([0.2, -0.05, 200.0, 0.0], requires_grad=True)
-    loss, _, _, clamped = preference_loss(log_prob, torch.zeros(4), pair_labels(torch.tensor([1.0, 0.0, 1.0, 0.0])),
-                                 BETA, EPS)
+    loss, _, _, clamped = preference_loss(log_prob, torch.zeros(4), pairs_of([1.0, 0.0, 1.0, 0.0]), BETA, EPS)
     loss.backward()
     grad = log_prob.grad.tolist()
     assert grad[0] == 0.0 and grad[2] == 0.0
@@ -143,7 +188,7 @@ def test_at_initialisation_the_policy_is_the_reference_and_the_loss_is_log_2(tin
     log_prob, *_ = run.model.step_log_prob(transitions, 1.0, 1.0)
     with torch.no_grad(), run.model.reference():
         ref_log_prob, *_ = run.model.step_log_prob(transitions, 1.0, 1.0)
-    loss, margin, _, _ = preference_loss(log_prob, ref_log_prob, pair_labels(trajectory.rewards), BETA, EPS)
+    loss, margin, _, _ = preference_loss(log_prob, ref_log_prob, preference_pairs(trajectory.rewards), BETA, EPS)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and (margin == 0).all()
 
     metrics = run.algorithm.update(run, trajectory)

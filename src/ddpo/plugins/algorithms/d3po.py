@@ -3,7 +3,9 @@ arXiv 2311.13231).
 
 Two trajectories share a prompt and an initial noise x_T (the rollout's groups of 2, rows 2j and 2j+1) and
 differ only through the sampler's noise. The one with the higher reward is preferred (w), the other is not
-(l); a tie says nothing and is masked out. Every denoising step of the pair is then a one-step DPO problem
+(l); a tie says nothing and is masked out. With `group_size` k > 2, k trajectories share x_T and every pair of
+the group is one such pair (the official human-feedback pipeline samples 7 images per prompt and trains all 21
+pairs, scripts/train.py); `tie_margin` makes rewards closer than it a tie. Every denoising step of the pair is then a one-step DPO problem
 with the trajectory's preference, against the frozen pretrained model p_ref (no reward model, no critic):
 
       rho_k = clamp(p_theta(x^k_{t-1} | x^k_t, c) / p_ref(x^k_{t-1} | x^k_t, c), 1 - eps, 1 + eps)
@@ -92,32 +94,45 @@ def read_labels(path: Path, export: dict) -> dict[int, tuple[float, float]]:
             for pair, pair_votes in sorted(votes.items())}
 
 
-def pair_labels(rewards):
-    """(B,) +1 for the pair member with the higher reward, -1 for the other, 0 for both members of a tie;
-    pairs are rows 2j and 2j+1."""
-    sign = (rewards[0::2] - rewards[1::2]).sign()
-    return sign.repeat_interleave(2) * sign.new_tensor([1.0, -1.0]).repeat(len(sign))
+def preference_pairs(rewards, group_size: int = 2, tie_margin: float = 0.0):
+    """Every pair (a, b), a < b, of each group of `group_size` consecutive rows: `(first, second, direction)`,
+    each (P,), direction +1 where a's reward is the higher, -1 where b's is, 0 for a tie (rewards less than
+    `tie_margin` apart, or equal). Pairs (group_size 2) are rows (0, 1), (2, 3), ..."""
+    import torch
+
+    first, second = torch.triu_indices(group_size, group_size, 1, device=rewards.device)
+    starts = torch.arange(0, len(rewards), group_size, device=rewards.device)[:, None]
+    first, second = (starts + first).flatten(), (starts + second).flatten()
+    gap = rewards[first] - rewards[second]
+    return first, second, gap.sign() * (gap.abs() >= tie_margin)
 
 
-def preference_loss(log_prob, ref_log_prob, labels, beta: float, eps: float):
-    """D3PO's loss for (B,) transitions in pairs (rows 2j, 2j+1) with `pair_labels`.
+def net_preferences(rewards, group_size: int = 2, tie_margin: float = 0.0):
+    """(B,) how many members of its group each trajectory is preferred to, minus how many are preferred to it
+    (for pairs: +1 preferred, -1 not, 0 tie)."""
+    first, second, direction = preference_pairs(rewards, group_size, tie_margin)
+    return (direction.new_zeros(len(rewards)).index_add_(0, first, direction).index_add_(0, second, -direction))
+
+
+def preference_loss(log_prob, ref_log_prob, pairs, beta: float, eps: float):
+    """D3PO's loss for (B,) transitions and the `preference_pairs` among them.
 
     Returns `(loss, margin, valid, clamped)`: the mean over non-tied pairs (0, still differentiable, if none),
-    the (B/2,) implicit reward margins beta (log ratio_w - log ratio_l) from the unclamped ratios (positive: the
-    policy already prefers the preferred member), the (B/2,) mask of non-tied pairs, and the (B,) mask of the
+    the (P,) implicit reward margins beta (log ratio_w - log ratio_l) from the unclamped ratios (positive: the
+    policy already prefers the preferred member), the (P,) mask of non-tied pairs, and the (B,) mask of the
     transitions whose ratio is clamped (they give no gradient).
     """
     import math
 
     import torch.nn.functional as F
 
+    first, second, direction = pairs
     log_ratio = log_prob - ref_log_prob
     clamped = log_ratio.clamp(math.log(1 - eps), math.log(1 + eps))  # = log clamp(rho), without exp overflowing
-    direction = labels[0::2]
     valid = direction != 0
-    pair_loss = -F.logsigmoid(beta * direction * (clamped[0::2] - clamped[1::2]))
+    pair_loss = -F.logsigmoid(beta * direction * (clamped[first] - clamped[second]))
     loss = (pair_loss * valid).sum() / valid.sum().clamp(min=1)
-    margin = (beta * direction * (log_ratio[0::2] - log_ratio[1::2])).detach()
+    margin = (beta * direction * (log_ratio[first] - log_ratio[second])).detach()
     return loss, margin, valid, (clamped != log_ratio).detach()
 
 
@@ -149,6 +164,13 @@ class D3PO(ddpo.Algorithm):
         """DPO temperature on the log-ratio margin (paper: 0.1)."""
         eps: float = pydantic.Field(0.1, gt=0, lt=1)
         """Clamp of the ratio to the pretrained model, [1 - eps, 1 + eps] (paper: 0.1)."""
+        group_size: int = pydantic.Field(2, ge=2)
+        """Images sampled per prompt from one initial noise; every pair of a group is trained on. 2: the
+        reward-model script's pairs; the official human-feedback pipeline samples 7 and trains all 21 pairs.
+        Labelled pairs (`labels`) are groups of 2 whatever this says."""
+        tie_margin: float = pydantic.Field(0.0, ge=0)
+        """Rewards less than this apart are a tie, not trained on. 0: only equal rewards (the official code's
+        `compare`); a labeller's "no preference" between two images that are both bad at the task."""
         pairs_dir: str = ""
         """Directory of a `ddpo pairs export` the labels refer to; default: the labels file's directory."""
         labels: str = pydantic.Field("", validate_default=True)
@@ -179,7 +201,7 @@ class D3PO(ddpo.Algorithm):
         """(trajectory, images) of the human-labelled pairs this process trains on, when there are labels."""
 
     def group_size(self) -> int:
-        return 2
+        return 2 if self.options.labels else self.options.group_size
 
     def setup(self, run):
         if self.options.labels:
@@ -235,30 +257,33 @@ class D3PO(ddpo.Algorithm):
         return self.labelled
 
     def compute_advantages(self, run, trajectory):
-        """The pair labels (+1 preferred, -1 not, 0 tie): D3PO needs no reward normalisation."""
-        return pair_labels(trajectory.rewards)
+        """`net_preferences` (for pairs +1 preferred, -1 not, 0 tie): D3PO needs no reward normalisation."""
+        return net_preferences(trajectory.rewards, self.group_size(), self.options.tie_margin)
 
     def update(self, run, trajectory):
         import torch
 
         from ddpo.core.math.policy import EpochStatistics, policy_passes
 
-        config = run.config
-        if trajectory.group_ids is not None and not torch.equal(trajectory.group_ids[0::2],
-                                                                trajectory.group_ids[1::2]):
-            raise ValueError("d3po trains on pairs in rows 2j, 2j+1 with one group id; sample with group_size=2")
+        config, group_size, tie_margin = run.config, self.group_size(), self.options.tie_margin
+        if trajectory.group_ids is not None:
+            groups = trajectory.group_ids.view(-1, group_size)
+            if not torch.equal(groups, groups[:, :1].expand_as(groups)):
+                raise ValueError(f"d3po trains on groups of {group_size} consecutive rows with one group id; sample "
+                                 f"with group_size={group_size}")
         steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
         accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
         statistics = EpochStatistics()
         judged = preferred = 0
         margins = 0.0
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, group_size=2):
+        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, group_size=group_size):
             log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
             with torch.no_grad(), run.model.reference():
                 ref_log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
                                                            config.sample.guidance_scale)
-            loss, margin, valid, clamped = preference_loss(log_prob, ref_log_prob, pair_labels(transitions.rewards),
-                                                           self.options.beta, self.options.eps)
+            pairs = preference_pairs(transitions.rewards, group_size, tie_margin)
+            loss, margin, valid, clamped = preference_loss(log_prob, ref_log_prob, pairs, self.options.beta,
+                                                           self.options.eps)
             accumulator.backward(loss)
             judged += int(valid.sum())
             preferred += int((margin[valid] > 0).sum())
@@ -267,7 +292,7 @@ class D3PO(ddpo.Algorithm):
                            transitions.positions)
             statistics.add_ratio(log_prob, transitions.log_probs, None, first_minibatch, transitions.positions)
         return {**statistics.summary(accumulator),
-                "d3po/pairs": float((pair_labels(trajectory.rewards)[0::2] != 0).sum()),
+                "d3po/pairs": float((preference_pairs(trajectory.rewards, group_size, tie_margin)[2] != 0).sum()),
                 "d3po/preference_accuracy": preferred / judged if judged else float("nan"),
                 "d3po/margin": margins / judged if judged else float("nan")}
 
