@@ -139,13 +139,14 @@ def test_the_clamp_stops_the_gradient_of_a_ratio_outside_one_plus_minus_eps():
 
 # -- the update on real pairs ------------------------------------------------------------------------------
 
-def make_pairs_run(tiny_ddpm, tmp_path, learning_rate):
+def make_pairs_run(tiny_ddpm, tmp_path, learning_rate, inner_epochs=1):
     """A Run of d3po around the tiny DDPM (trained in full, with its frozen reference) and 4 sampled pairs."""
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)
     model.configure_training()
     config = resolve_config(None, ["sample.num_steps=6", "sample.batch_size=8", "sample.batches_per_epoch=1",
-                                   f"train.learning_rate={learning_rate}", "train.batch_size=2", "train.grad_accum=1"],
+                                   f"train.learning_rate={learning_rate}", "train.batch_size=2", "train.grad_accum=1",
+                                   f"train.inner_epochs={inner_epochs}"],
                             {"model": {"name": "ddpm"}, "algorithm": {"name": "d3po"}})
     accelerator = Accelerator(cpu=True)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate)
@@ -197,6 +198,24 @@ def test_at_initialisation_the_policy_is_the_reference_and_the_loss_is_log_2(tin
     assert metrics["d3po/pairs"] == 4
     after = log_ratios_of(run.model, trajectory)
     assert (after[trajectory.policy_steps] != 0).any()  # the policy moved away from the reference
+
+
+def test_the_reference_runs_once_per_pair_step_across_inner_epochs(tiny_ddpm, tmp_path):
+    """D3PO reads the pretrained model's log-prob at every micro-step; with two inner epochs it is computed on the
+    first visit of each (trajectory, step) only (policy_update's cache), and the second epoch still trains."""
+    run = make_pairs_run(tiny_ddpm, tmp_path, learning_rate=1e-4, inner_epochs=2)
+    trajectory = sample_pairs(run, [1.0, 0.0, 0.0, 1.0, 0.3, 0.2, 0.6, 0.9])
+    passes, original = [], run.model.reference
+
+    def counted():
+        passes.append(1)
+        return original()
+
+    run.model.reference = counted
+    metrics = run.algorithm.update(run, trajectory)
+    policy_steps = int(trajectory.policy_steps[0].sum())
+    assert len(passes) == 4 * policy_steps  # 4 minibatches (one pair each) x the steps, in the first inner epoch
+    assert metrics["train/optimizer_steps"] == 8  # one per pair and inner epoch
 
 
 def test_preference_accuracy_counts_the_pairs_the_policy_already_prefers(tiny_ddpm, tmp_path):

@@ -263,35 +263,29 @@ class D3PO(ddpo.Algorithm):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.math.policy import EpochStatistics, policy_passes
+        from ddpo.core.math.policy import policy_update
 
-        config, group_size, tie_margin = run.config, self.group_size(), self.options.tie_margin
+        group_size, tie_margin = self.group_size(), self.options.tie_margin
         if trajectory.group_ids is not None:
             groups = trajectory.group_ids.view(-1, group_size)
             if not torch.equal(groups, groups[:, :1].expand_as(groups)):
                 raise ValueError(f"d3po trains on groups of {group_size} consecutive rows with one group id; sample "
                                  f"with group_size={group_size}")
-        steps_per_sample = trajectory.num_train_steps(config.train.timestep_fraction)
-        accumulator = run.accumulator(config.train.grad_accum * steps_per_sample)
-        statistics = EpochStatistics()
         judged = preferred = 0
         margins = 0.0
-        for transitions, first_minibatch in policy_passes(run, trajectory, accumulator, group_size=group_size):
-            log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta, config.sample.guidance_scale)
-            with torch.no_grad(), run.model.reference():
-                ref_log_prob, *_ = run.model.step_log_prob(transitions, config.sample.eta,
-                                                           config.sample.guidance_scale)
+
+        def loss(transitions, step):
+            nonlocal judged, preferred, margins
             pairs = preference_pairs(transitions.rewards, group_size, tie_margin)
-            loss, margin, valid, clamped = preference_loss(log_prob, ref_log_prob, pairs, self.options.beta,
-                                                           self.options.eps)
-            accumulator.backward(loss)
+            total, margin, valid, clamped = preference_loss(step.log_prob, step.reference().log_prob, pairs,
+                                                            self.options.beta, self.options.eps)
             judged += int(valid.sum())
             preferred += int((margin[valid] > 0).sum())
             margins += float(margin[valid].sum())
-            statistics.add({"loss/policy": loss.item(), "d3po/clamped_fraction": clamped.float().mean().item()},
-                           transitions.positions)
-            statistics.add_ratio(log_prob, transitions.log_probs, None, first_minibatch, transitions.positions)
-        return {**statistics.summary(accumulator),
+            return total, {"loss/policy": total.item(), "d3po/clamped_fraction": clamped.float().mean().item()}
+
+        summary = policy_update(run, trajectory, loss, reference=("log_prob",), group_size=group_size)
+        return {**summary,
                 "d3po/pairs": float((preference_pairs(trajectory.rewards, group_size, tie_margin)[2] != 0).sum()),
                 "d3po/preference_accuracy": preferred / judged if judged else float("nan"),
                 "d3po/margin": margins / judged if judged else float("nan")}
