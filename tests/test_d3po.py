@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from helpers import learning_run, read_metrics
+from helpers import assert_learned, learning_cases, learning_run, read_metrics
 from ddpo.cli import main
 from ddpo.core.configuration.config import resolve_config
 from ddpo.core.engine.rollout import sample_batch
@@ -275,15 +275,22 @@ def test_d3po_runs_on_a_tiny_sd_pipeline(tiny_sd, tmp_path):
                for record in records)
 
 
+D3PO_THRESHOLD, D3PO_EPOCHS = 0.2, 8
+
+
 @pytest.mark.slow
-def test_d3po_learns_to_draw_a_3_on_the_digits_demo(tmp_path):
-    # Reward-labelled pairs under d3po's digits defaults. The per-epoch mean of 64 samples is noisy: the untrained
-    # model scores 0.05-0.16 on these epochs' noise (0.09 over the last four, 0.10 over the first two). Trained,
-    # the last four average 0.21 for seed 0 (0.23 for seed 1) against 0.09 for the first two.
-    assert cli("run", "--algo", "d3po", "--set", "reward.target=3", "--epochs", "10", "--seed", "0",
-               "--logdir", str(tmp_path), "--run-name", "digits") == 0
-    rewards = [record["reward/mean"] for record in read_metrics(tmp_path / "digits")]
-    assert np.mean(rewards[-4:]) > np.mean(rewards[:2]) + 0.08, rewards
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 0), (8, 0), (8, 1)], control=(8, 0)))
+def test_d3po_learns_digits_targets_from_reward_labelled_pairs_not_from_shuffled_ones(forked_cli, tmp_path, target,
+                                                                                     seed, shuffled):
+    """d3po's digits recipe (`model_run_defaults`: 4 pairs a minibatch, 8 optimizer steps an epoch), 8 epochs.
+    `reward_rise` on targets 3 / 7 / 8 x seeds 0, 1: 0.65 0.35 / 0.13 0.34 / 0.76 0.71 (Intel Xeon,
+    benchmarks/bench_learning_tests.py), std 0.22. The pairs asserted rose 0.65, 0.76 and 0.71: at least 0.45 over
+    the 0.2 threshold, more than 2 x 0.22. The controls with shuffled rewards: (8, 0) -0.18, (3, 0) -0.04. The
+    lowest legibility of a learning run was 0.74-0.96 (0.87 or more on the pairs asserted). Not asserted, and
+    the reason item 9 of issue 21 stays open: seed 2 collapses (targets 3 and 8: rises -0.07 and -0.12, legibility
+    0.43 and 0.04) with this recipe and every other tried (docs/algorithms/d3po.md). 35 CPU seconds a run."""
+    records = learning_run(forked_cli, tmp_path, "d3po", target, seed, D3PO_EPOCHS, shuffled=shuffled)
+    assert_learned(records, shuffled, D3PO_THRESHOLD, min_legibility=0.75)
 
 
 @pytest.fixture(scope="module")
