@@ -263,7 +263,8 @@ def dance_grpo_step_with_logprob(
         x'  = μ + std z
     The drift is v − (η²/2) · score, the reverse SDE of the flow's marginals with g² = η² (Flow-GRPO's has
     g² = η² σ / (1 − σ)); one finite step adds variance, see docs/models.md. η = 0 is the Euler step x + v dt.
-    DanceGRPO's default η is 0.3 (its --eta); the log-probability is the full Gaussian one, as there.
+    DanceGRPO's scripts pass η = 0.3 (scripts/finetune/finetune_flux_grpo.sh:46; `--eta` has no default);
+    the log-probability is the full Gaussian one, as there.
 
     Arguments and returns as `flow_sde_step_with_logprob`; `std` is the whole step's, η sqrt(σ − σ').
     """
