@@ -68,11 +68,19 @@ def test_naming_another_plugin_drops_the_options_of_the_one_below(tmp_path):
     (["train.batch_size=5"], "must be a multiple of train.batch_size x train.grad_accum = 5"),
     (["eval.rewards=[aesthetik]"], "unknown reward 'aesthetik'"),
     (["sample.eta"], "--set expects KEY=VALUE"),
+    (["sample.sde=cps"], "sample.sde=cps is a flow-matching sampler, but model"),
+    (["sample.sde=ode"], "invalid value for 'sample.sde'"),
 ])
 def test_bad_values_give_one_line_naming_the_key_and_what_is_valid(sets, message):
     with pytest.raises(UsageError) as caught:
         resolve_config(None, sets)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_flow_models_take_every_sample_sde():
+    for sde in ("flow-grpo", "dance-grpo", "cps"):
+        assert resolve_config(None, [f"sample.sde={sde}"], {"model": {"name": "sd3"}}).sample.sde == sde
+    assert resolve_config(None, ["sample.sde=flow-grpo"]).sample.sde == "flow-grpo"  # the default, on DDIM too
 
 
 def test_unknown_plugin_names_suggest_the_closest():

@@ -48,6 +48,7 @@ def _load_model(config: RunConfig, checkpoint: Path | None):
 
     model = get_registry().get("models", config.model.name)(config.model.options())
     model.load(pick_device(config), torch.float32)
+    model.use_sde(config.sample.sde)
     if checkpoint is not None:
         model.configure_training()
         model.load_weights(checkpoint)

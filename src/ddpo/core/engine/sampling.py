@@ -40,6 +40,7 @@ def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, pr
     registry = get_registry()
     model = registry.get("models", config.model.name)(config.model.options())
     model.load(pick_device(config), torch.float32)
+    model.use_sde(config.sample.sde)
     if checkpoint is not None:
         model.configure_training()
         model.load_weights(checkpoint)

@@ -103,6 +103,7 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
                     for section in config.eval.sections()}
 
     model.load(accelerator.device, DTYPES[config.mixed_precision])
+    model.use_sde(config.sample.sde)
     model.configure_training()
     for scorer in (reward, *eval_rewards.values()):
         scorer.load(accelerator.device)

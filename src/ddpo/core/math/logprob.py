@@ -226,3 +226,96 @@ def flow_sde_step_with_logprob(
     std = noise_level * (sigma / (1 - sigma_for_std)).sqrt()
     mean = sample32 * (1 + std**2 * dt / (2 * sigma)) + output32 * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
     return _finish_step(mean, std * (-dt).sqrt(), prev_sample, generator, sample.dtype)
+
+
+def _flow_sigmas(scheduler, timestep, prev_timestep, like):
+    """(σ, σ') each (B|1, 1, ..., 1) float32 from timesteps in units of num_train_timesteps; σ' from the
+    scheduler's schedule when `prev_timestep` is None (as `flow_sde_step_with_logprob`)."""
+    train_steps = scheduler.config.num_train_timesteps
+    current = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
+    if prev_timestep is None:
+        schedule = (scheduler.sigmas * train_steps).to(torch.float32)
+        index = (schedule[None, :-1] - current[:, None]).abs().argmin(dim=1)
+        following = schedule[index + 1]
+    else:
+        following = torch.as_tensor(prev_timestep).detach().to("cpu", torch.float32).reshape(-1)
+    return _per_sample(current / train_steps, like), _per_sample(following / train_steps, like)
+
+
+def dance_grpo_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: float | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = 0.3,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prev_timestep: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DanceGRPO's flow SDE step (`sample.sde=dance-grpo`): Euler–Maruyama on the reverse SDE with a constant
+    diffusion η, plus the log-probability of its outcome.
+
+    Source: XueZeyue/DanceGRPO@15cc71d fastvideo/train_grpo_flux.py:131-170 (`flux_step`, `sde_solver=True`;
+    the same step is in its other train_grpo_*.py). With σ, σ', dt = σ' − σ < 0 and v as in
+    `flow_sde_step_with_logprob`, x̂0 = x − σ v and the score estimate −(x − (1 − σ) x̂0) / σ²:
+        std = η sqrt(σ − σ')
+        μ   = x + v dt + (η² / 2) (x − (1 − σ) x̂0) / σ² · dt
+        x'  = μ + std z
+    The drift is v − (η²/2) · score, the reverse SDE of the flow's marginals with g² = η² (Flow-GRPO's has
+    g² = η² σ / (1 − σ)); one finite step adds variance, see docs/models.md. η = 0 is the Euler step x + v dt.
+    DanceGRPO's scripts pass η = 0.3 (scripts/finetune/finetune_flux_grpo.sh:46; `--eta` has no default);
+    the log-probability is the full Gaussian one, as there.
+
+    Arguments and returns as `flow_sde_step_with_logprob`; `std` is the whole step's, η sqrt(σ − σ').
+    """
+    sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
+    sigma, sigma_next = _flow_sigmas(scheduler, timestep, prev_timestep, sample32)
+    dt = sigma_next - sigma
+    original = sample32 - sigma * output32
+    mean = sample32 + output32 * dt + 0.5 * noise_level**2 * (sample32 - (1 - sigma) * original) / sigma**2 * dt
+    std = noise_level * (-dt).sqrt()
+    return _finish_step(mean, std, prev_sample, generator, sample.dtype)
+
+
+def cps_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: float | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    prev_timestep: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coefficients-preserving sampler (CPS, `sample.sde=cps`), plus the log-probability of its outcome.
+
+    Source: yifan123/flow_grpo@54809b5 flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:70-86 (`sde_type ==
+    'cps'`). With σ, σ', v as in `flow_sde_step_with_logprob`, the predicted data x̂0 = x − σ v and noise
+    x̂1 = x + (1 − σ) v:
+        std = σ' sin(η π / 2)
+        μ   = (1 − σ') x̂0 + sqrt(σ'² − std²) x̂1  = (1 − σ') x̂0 + σ' cos(η π / 2) x̂1
+        x'  = μ + std z
+    so x' = (1 − σ') x̂0 + σ' (cos(ηπ/2) x̂1 + sin(ηπ/2) z): the data and noise coefficients are the flow's at
+    σ' and the noise has unit variance when x̂1 is standard normal. η = 0 is the Euler step x + v dt; the last
+    step (σ' = 0) has std 0 and is deterministic (log_prob NaN), as every step at η = 0.
+
+    The official code's log-probability drops every constant and the 1 / (2 std²) scale (it is −mean (x' − μ)²);
+    ours is the Gaussian density like the other steps, so clip ranges and KL weights keep the scale they have
+    for the other samplers. Arguments and returns as `flow_sde_step_with_logprob`; `std` is the whole step's.
+    """
+    sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
+    sigma, sigma_next = _flow_sigmas(scheduler, timestep, prev_timestep, sample32)
+    original = sample32 - sigma * output32
+    noise = sample32 + (1 - sigma) * output32
+    angle = noise_level * math.pi / 2
+    std = sigma_next * math.sin(angle)
+    mean = (1 - sigma_next) * original + sigma_next * math.cos(angle) * noise
+    return _finish_step(mean, std, prev_sample, generator, sample.dtype)
+
+
+FLOW_SDE_STEPS = {
+    "flow-grpo": flow_sde_step_with_logprob,
+    "dance-grpo": dance_grpo_step_with_logprob,
+    "cps": cps_step_with_logprob,
+}
+"""`sample.sde` value -> its step function (all with `flow_sde_step_with_logprob`'s signature)."""

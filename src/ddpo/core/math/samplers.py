@@ -3,7 +3,8 @@ what the trajectory recorded for that step (its timestep and the one it lands on
 mutable state.
 
 Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow matching, the shift):
-DDIM with eta, DDPM ancestral steps, and the flow-matching SDE of Flow-GRPO (eta is its noise level). The step
+DDIM with eta, DDPM ancestral steps, and a flow-matching SDE (eta is its noise level): Flow-GRPO's, DanceGRPO's or
+the coefficients-preserving sampler, by `sample.sde`. The step
 math is in `ddpo.core.math.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
 for the regression losses (RWR).
 """
@@ -17,7 +18,7 @@ from ddpo.core.math.logprob import (
     ddim_step_with_logprob,
     ddpm_previous_timestep,
     ddpm_step_with_logprob,
-    flow_sde_step_with_logprob,
+    FLOW_SDE_STEPS,
 )
 
 
@@ -101,20 +102,31 @@ class DDPMSampler(Sampler):
 
 class FlowSDESampler(Sampler):
     """Rectified-flow models (SD3, FLUX): the ODE's Euler schedule from `FlowMatchEulerDiscreteScheduler`
-    (shift included), stepped as Flow-GRPO's SDE with the same marginals; eta is the noise level (0.7 in
-    Flow-GRPO; 0 is the deterministic Euler step). Timesteps are floats, sigma x num_train_timesteps."""
+    (shift included), stepped as the SDE `sde` names (`sample.sde`: flow-grpo, Flow-GRPO's SDE with the ODE's
+    marginals; dance-grpo; cps); eta is its noise level (0.7 in Flow-GRPO; 0 is the deterministic Euler step).
+    Timesteps are floats, sigma x num_train_timesteps."""
 
     kind = "flow-sde"
+
+    def __init__(self, scheduler, sde: str = "flow-grpo"):
+        super().__init__(scheduler)
+        if sde not in FLOW_SDE_STEPS:
+            raise ValueError(f"unknown flow SDE '{sde}'; valid: {', '.join(FLOW_SDE_STEPS)}")
+        self.sde = sde
 
     def _previous(self, timesteps):
         sigmas = self.scheduler.sigmas.to(torch.float32)
         return sigmas[1:len(timesteps) + 1] * self.scheduler.config.num_train_timesteps
 
     def step(self, model_output, timesteps, prev_timesteps, sample, eta, prev_sample=None, generator=None):
-        return flow_sde_step_with_logprob(self.scheduler, model_output, timesteps, sample, noise_level=eta,
-                                          prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
+        return FLOW_SDE_STEPS[self.sde](self.scheduler, model_output, timesteps, sample, noise_level=eta,
+                                        prev_sample=prev_sample, generator=generator, prev_timestep=prev_timesteps)
 
     def step_duration(self, timesteps, prev_timesteps):
+        """|dt| for flow-grpo and dance-grpo, whose step std is the noise level's times sqrt(|dt|); 1 for cps,
+        whose std (sigma' sin(eta pi / 2)) is the step's own, as Flow-GRPO's KL divides by it."""
+        if self.sde == "cps":
+            return super().step_duration(timesteps, prev_timesteps)
         scale = self.scheduler.config.num_train_timesteps
         return ((timesteps.float() - prev_timesteps.float()) / scale).abs().reshape(-1, 1, 1, 1)
 

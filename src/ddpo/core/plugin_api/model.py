@@ -123,6 +123,19 @@ class Model(Plugin):
             self.sampler = DDPMSampler(DDPMScheduler.from_config(scheduler_config))
         self.scheduler = self.sampler.scheduler
 
+    def use_sde(self, sde: str) -> None:
+        """Step with the flow SDE `sde` (`sample.sde`); call after `load`. flow-grpo (the default) is a no-op on
+        any sampler; the others need the flow-matching sampler (the config check refuses them elsewhere)."""
+        if sde == "flow-grpo" and getattr(self.sampler, "kind", "") != "flow-sde":
+            return
+        if getattr(self.sampler, "kind", "") != "flow-sde":
+            raise ValueError(f"sample.sde={sde} needs a flow-matching sampler, not '{self.sampler.kind}'")
+        from ddpo.core.math.logprob import FLOW_SDE_STEPS
+
+        if sde not in FLOW_SDE_STEPS:
+            raise ValueError(f"unknown flow SDE '{sde}'; valid: {', '.join(FLOW_SDE_STEPS)}")
+        self.sampler.sde = sde
+
     def set_timesteps(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Configure the sampler for `num_steps` steps: `(timesteps, prev_timesteps)`, each (T,), first to
         last — each step's time and the time it lands on, which the rollout records."""
