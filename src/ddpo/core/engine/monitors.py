@@ -10,10 +10,11 @@ per channel, flattened. The distance of two images is the root mean square of th
 - `monitor/diversity`: the mean distance over all pairs of the epoch's training samples (over all processes)
   that share a prompt; when no prompt repeats (every prompt differs), over all pairs of the batch. An
   unconditional model's samples all share the prompt "".
-- `monitor/drift` (only with `eval.num_steps`): the mean distance between each fixed evaluation image and the
-  base model's image for the same prompt and initial noise. The base images are sampled once, before epoch 1,
-  with the pretrained weights, and their features are kept in `eval/base_features.safetensors`, so a resumed
-  run measures drift from the same base as an uninterrupted one.
+- `monitor/drift` (only with `eval.num_steps`, at every evaluation): the mean distance between each fixed
+  evaluation image and the base model's image for the same prompt and initial noise. The base images are sampled
+  once, before epoch 1 (the first evaluation follows epoch 1's update), with the pretrained weights, and their
+  features are kept in `eval/base_features.safetensors`, so a resumed run measures drift from the same base as
+  an uninterrupted one.
 """
 
 from __future__ import annotations
