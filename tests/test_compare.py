@@ -113,7 +113,8 @@ def test_fixed_evaluation_images_leave_the_training_run_unchanged(tmp_path):
                {tag: value for tag, value in without.items() if not tag.startswith("perf/")}
         assert {"eval/digit/mean", "eval/legibility/mean"} <= set(with_eval)
     run_dir = tmp_path / "evaluated"
-    assert sorted(path.name for path in (run_dir / "eval").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert sorted(path.name for path in (run_dir / "eval").iterdir()) == ["base_features.safetensors", "epoch_0001.png",
+                                                                           "epoch_0002.png"]
     events = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.IMAGES: 0,
                                                                              event_accumulator.TENSORS: 0})
     events.Reload()

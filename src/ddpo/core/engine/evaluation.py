@@ -7,7 +7,8 @@ own: the training run's random streams are untouched, so its training
 metrics are the same with or without evaluation. The images are scored by the training reward and every eval
 reward; process 0's grid is saved as `eval/epoch_NNNN.png` and logged to TensorBoard as the image `eval/images`.
 TensorBoard images have no per-step caption, so the caption is the text `eval/captions` at the same step: a
-table of each grid cell's prompt and rewards, in the grid's order (row by row).
+table of each grid cell's prompt and rewards, in the grid's order (row by row). With the base model's features
+(`Run.base_eval_features`, see ddpo.core.engine.monitors) it also measures `monitor/drift`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.monitors import drift, gather_features
 from ddpo.core.engine.rollout import RolloutEngine, sample_batch, score
 from ddpo.core.engine.run import Run, derive_seed
 
@@ -63,10 +65,11 @@ def evaluate(run: Run, images: torch.Tensor, prompts: list[str], metadata: list[
 
 def evaluate_fixed_set(run: Run, writer=None) -> dict[str, float]:
     """Sample and score the fixed evaluation set; on the main process save its grid and, given a TensorBoard
-    `writer`, log the grid and its caption at step = reward queries. Returns the `eval/<label>/mean` scalars."""
+    `writer`, log the grid and its caption at step = reward queries. Returns the `eval/<label>/mean` scalars and
+    `monitor/drift` (given the base's features)."""
     images, prompts, metadata = evaluation_samples(run)
     scores = score_images(run, images, prompts, metadata, {run.config.reward.name: run.reward})
-    scalars = mean_scores(run, scores)
+    scalars = {**mean_scores(run, scores), **drift(gather_features(run, images), run.base_eval_features)}
     if run.is_main:
         grid = make_grid(images)
         save_png(grid, Path(run.run_dir) / EVAL_DIRECTORY / f"epoch_{run.epoch:04d}.png")

@@ -65,6 +65,9 @@ class Run:
     sampling, for this process's first samples (`ddpo.core.math.policy.add_sampled_gradients` uses them)."""
     weight_average: WeightAverage | None = None
     """With `train.ema_decay`: the moving average of the policy's trained weights (ddpo.core.engine.ema)."""
+    base_eval_features: torch.Tensor | None = None
+    """With `eval.num_steps`: (N, D) features of the base model's fixed evaluation images over all processes, what
+    `monitor/drift` measures from (ddpo.core.engine.monitors)."""
 
     def __post_init__(self) -> None:
         if POLICY not in self.modules:

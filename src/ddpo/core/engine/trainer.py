@@ -26,10 +26,11 @@ from ddpo.core.engine.checkpoint import latest_checkpoint, load_checkpoint, save
 from ddpo.core.engine.console import report_epoch
 from ddpo.core.engine.distributed import make_accelerator
 from ddpo.core.engine.ema import WeightAverage
-from ddpo.core.engine.evaluation import evaluate, evaluate_fixed_set
+from ddpo.core.engine.evaluation import EVAL_DIRECTORY, evaluate, evaluate_fixed_set
 from ddpo.core.engine.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
 from ddpo.core.engine.images import make_grid, save_png
 from ddpo.core.engine.logging import RunLogger, truncate_metrics
+from ddpo.core.engine.monitors import base_features, epoch_diversity
 from ddpo.core.engine.multireward import combine_epoch_rewards
 from ddpo.core.engine.onpolicy import SamplingGradients
 from ddpo.core.engine.performance import compile_denoiser, make_optimizer, prepare_denoiser
@@ -141,6 +142,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
         if checkpoint is None:
             logger.log_hparams(config.model_dump(mode="json"), ["reward/mean", "reward/max"])
     accelerator.wait_for_everyone()
+    if config.eval.num_steps is not None:  # before any update: the pretrained weights' images (or a resume's file)
+        run.base_eval_features = base_features(run, run_dir / EVAL_DIRECTORY)
 
     engine = RolloutEngine(model, reward, prompt_set, config.sample, group_size=algorithm.group_size(),
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
@@ -208,6 +211,7 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     run.gathered_rewards = accelerator.gather(trajectory.rewards.to(accelerator.device)).cpu()
     run.gathered_prompts = gather_object(trajectory.prompts)
     run.reward_queries += len(run.gathered_rewards)
+    monitors = epoch_diversity(run, images)
     hooks.on_rewards(run=run, trajectory=trajectory)
 
     advantages = hooks.compute_advantages(run=run, trajectory=trajectory)
@@ -221,7 +225,7 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     run.guard.start_epoch()
     rewards = run.gathered_rewards
     scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
-               "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means}
+               "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **monitors}
     try:
         with torch.profiler.record_function(PHASES["training"]):
             metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}
