@@ -139,7 +139,7 @@ def test_the_clamp_stops_the_gradient_of_a_ratio_outside_one_plus_minus_eps():
 
 # -- the update on real pairs ------------------------------------------------------------------------------
 
-def make_pairs_run(tiny_ddpm, tmp_path, learning_rate, inner_epochs=1):
+def make_pairs_run(tiny_ddpm, tmp_path, learning_rate, inner_epochs=1, options=None):
     """A Run of d3po around the tiny DDPM (trained in full, with its frozen reference) and 4 sampled pairs."""
     model = PixelDDPM({"pretrained": str(tiny_ddpm)})
     model.load(torch.device("cpu"), torch.float32)
@@ -152,7 +152,7 @@ def make_pairs_run(tiny_ddpm, tmp_path, learning_rate, inner_epochs=1):
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.train.learning_rate)
     model.denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     model.prepare_reference()
-    algorithm = D3PO()
+    algorithm = D3PO(options)
     run = Run(config=config, accelerator=accelerator, model=model, reward=None, algorithm=algorithm,
               prompt_set=None, run_dir=tmp_path, optimizer=optimizer, stat_tracker=None, epoch=1)
     return run
@@ -216,6 +216,20 @@ def test_the_reference_runs_once_per_pair_step_across_inner_epochs(tiny_ddpm, tm
     policy_steps = int(trajectory.policy_steps[0].sum())
     assert len(passes) == 4 * policy_steps  # 4 minibatches (one pair each) x the steps, in the first inner epoch
     assert metrics["train/optimizer_steps"] == 8  # one per pair and inner epoch
+
+
+def test_kl_weight_adds_the_kl_to_the_pretrained_model_to_the_preference_loss(tiny_ddpm, tmp_path):
+    """Without kl_weight (the paper's loss) no KL is computed; with it, loss/total = loss/policy + kl_weight x loss/kl
+    (epoch means over the same transitions), and the KL is positive once the policy has moved."""
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.3, 0.2, 0.6, 0.9]
+    run = make_pairs_run(tiny_ddpm, tmp_path, learning_rate=1e-3)
+    metrics = run.algorithm.update(run, sample_pairs(run, rewards))
+    assert "loss/kl" not in metrics and metrics["loss/total"] == metrics["loss/policy"]
+
+    run = make_pairs_run(tiny_ddpm, tmp_path, learning_rate=1e-3, options={"kl_weight": 0.5})
+    metrics = run.algorithm.update(run, sample_pairs(run, rewards))
+    assert metrics["loss/kl"] > 0
+    assert metrics["loss/total"] == pytest.approx(metrics["loss/policy"] + 0.5 * metrics["loss/kl"], rel=1e-6)
 
 
 def test_preference_accuracy_counts_the_pairs_the_policy_already_prefers(tiny_ddpm, tmp_path):

@@ -172,6 +172,11 @@ class D3PO(ddpo.Algorithm):
         tie_margin: float = pydantic.Field(0.0, ge=0)
         """Rewards less than this apart are a tie, not trained on. 0: only equal rewards (the official code's
         `compare`); a labeller's "no preference" between two images that are both bad at the task."""
+        kl_weight: float = pydantic.Field(0.0, ge=0)
+        """Weight of the KL to the pretrained model added to the loss (not in D3PO: 0, the paper's loss): the exact
+        Gaussian KL of each trained step, mean over elements of (mu - mu_ref)^2 / (2 sigma^2) (as ddpo-is's
+        `kl_weight`). The clamp stops the gradient of a transition that left [1 - eps, 1 + eps], but does not pull
+        it back; this does."""
         pairs_dir: str = ""
         """Directory of a `ddpo pairs export` the labels refer to; default: the labels file's directory."""
         labels: str = pydantic.Field("", validate_default=True)
@@ -264,7 +269,7 @@ class D3PO(ddpo.Algorithm):
     def update(self, run, trajectory):
         import torch
 
-        from ddpo.core.math.policy import policy_update
+        from ddpo.core.math.policy import EpochStatistics, kl_to_reference, policy_update
 
         group_size, tie_margin = self.group_size(), self.options.tie_margin
         if trajectory.group_ids is not None:
@@ -275,17 +280,27 @@ class D3PO(ddpo.Algorithm):
         judged = preferred = 0
         margins = 0.0
 
+        options, statistics = self.options, EpochStatistics()
+
         def loss(transitions, step):
             nonlocal judged, preferred, margins
             pairs = preference_pairs(transitions.rewards, group_size, tie_margin)
-            total, margin, valid, clamped = preference_loss(step.log_prob, step.reference().log_prob, pairs,
-                                                            self.options.beta, self.options.eps)
+            reference = step.reference()
+            policy_loss, margin, valid, clamped = preference_loss(step.log_prob, reference.log_prob, pairs,
+                                                                  options.beta, options.eps)
             judged += int(valid.sum())
             preferred += int((margin[valid] > 0).sum())
             margins += float(margin[valid].sum())
-            return total, {"loss/policy": total.item(), "d3po/clamped_fraction": clamped.float().mean().item()}
+            total = policy_loss
+            if options.kl_weight > 0:
+                kl = kl_to_reference(run.model, transitions, step.mean, step.std, run.config.sample, statistics,
+                                     reference_mean=reference.mean)
+                total = policy_loss + options.kl_weight * kl
+            return total, {"loss/policy": policy_loss.item(), "loss/total": total.item(),
+                           "d3po/clamped_fraction": clamped.float().mean().item()}
 
-        summary = policy_update(run, trajectory, loss, reference=("log_prob",), group_size=group_size)
+        summary = policy_update(run, trajectory, loss, statistics=statistics, group_size=group_size,
+                                reference=("log_prob", "mean") if options.kl_weight > 0 else ("log_prob",))
         return {**summary,
                 "d3po/pairs": float((preference_pairs(trajectory.rewards, group_size, tie_margin)[2] != 0).sum()),
                 "d3po/preference_accuracy": preferred / judged if judged else float("nan"),
