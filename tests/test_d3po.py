@@ -298,13 +298,14 @@ def test_d3po_learns_digits_targets_from_reward_labelled_pairs_not_from_shuffled
                                                                                      seed, shuffled):
     """d3po's digits recipe (`model_run_defaults`: 4 pairs a minibatch, the first 18 of 20 steps trained, KL
     weight 0.01 to the pretrained model), 8 epochs. `reward_rise` on targets 3 / 7 / 8 x seeds 0, 1, 2: 0.25 0.17
-    0.20 / 0.15 0.52 - / 0.18 0.37 0.34 (Intel Xeon, benchmarks/bench_learning_tests.py), std 0.119 over these 8.
+    0.20 / 0.15 0.52 0.26 / 0.18 0.37 0.34 (Intel Xeon, benchmarks/bench_learning_tests.py), std 0.113.
     The recipe's values were chosen on (8, 2), and (3, 0) served to reject the KL term alone; (7, 1) and (8, 1)
     were first run with the recipe fixed. The pairs asserted rose 0.25, 0.52 and 0.37: at least 0.242 over the
-    0.01 threshold, just over 2 x 0.119 (the threshold is low because the spread is wide: the lowest rise, (7, 0),
+    0.01 threshold, more than 2 x 0.113 (the threshold is low because the spread is wide: the lowest rise, (7, 0),
     is 0.15, and a run's epoch mean moves by up to 0.46 from one epoch to the next). The controls with shuffled
-    rewards: (8, 0) -0.11, (3, 0) -0.00. The lowest legibility of a learning run was 0.91 (every pair, seed 2 included:
-    under the previous recipe seed 2 lost its digits, legibility 0.04-0.43). 37-39 CPU seconds a run."""
+    rewards: (8, 0) -0.11, (3, 0) -0.00. The lowest legibility of a learning run was 0.89, on (8, 2), and 0.91 on
+    the pairs asserted (under the previous recipe seed 2 lost its digits: legibility 0.04-0.43). 37-39 CPU seconds
+    a run."""
     records = learning_run(forked_cli, tmp_path, "d3po", target, seed, D3PO_EPOCHS, shuffled=shuffled)
     assert_learned(records, shuffled, D3PO_THRESHOLD, min_legibility=0.9)
 

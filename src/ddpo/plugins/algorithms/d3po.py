@@ -152,7 +152,7 @@ class D3PO(ddpo.Algorithm):
     # x seeds 0/1 but took seed 2 off the digits (legibility 0.04-0.43) with every lr, tie margin and group tried:
     # the last steps (sigma down to 0.01) give the largest, noisiest gradients. Training the first 18 of 20 steps
     # and a KL weight of 0.01 to the pretrained model: rises 0.15-0.52 on targets 3/7/8 x seeds 0-2, legibility
-    # >= 0.91 (either change alone: (8, 2) lost its digits, or (3, 0) stopped learning; docs/algorithms/d3po.md).
+    # >= 0.89 (either change alone: (8, 2) lost its digits, or (3, 0) stopped learning; docs/algorithms/d3po.md).
     model_run_defaults = {
         "digits": {
             "model": {"name": "digits", "timestep_spacing": "pipeline"},
