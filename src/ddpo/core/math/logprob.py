@@ -210,17 +210,8 @@ def flow_sde_step_with_logprob(
         `(prev_sample, log_prob, mean, std)` as `ddim_step_with_logprob`; `std` is the step's whole standard
         deviation, std_η · sqrt(−dt).
     """
-    train_steps = scheduler.config.num_train_timesteps
     sample32, output32 = sample.to(torch.float32), model_output.to(torch.float32)
-    current = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
-    if prev_timestep is None:
-        schedule = (scheduler.sigmas * train_steps).to(torch.float32)
-        index = (schedule[None, :-1] - current[:, None]).abs().argmin(dim=1)
-        following = schedule[index + 1]
-    else:
-        following = torch.as_tensor(prev_timestep).detach().to("cpu", torch.float32).reshape(-1)
-    sigma = _per_sample(current / train_steps, sample32)
-    sigma_next = _per_sample(following / train_steps, sample32)
+    sigma, sigma_next = _flow_sigmas(scheduler, timestep, prev_timestep, sample32)
     dt = sigma_next - sigma
     sigma_for_std = torch.where(sigma >= 1, sigma_next, sigma)
     std = noise_level * (sigma / (1 - sigma_for_std)).sqrt()
@@ -230,7 +221,7 @@ def flow_sde_step_with_logprob(
 
 def _flow_sigmas(scheduler, timestep, prev_timestep, like):
     """(σ, σ') each (B|1, 1, ..., 1) float32 from timesteps in units of num_train_timesteps; σ' from the
-    scheduler's schedule when `prev_timestep` is None (as `flow_sde_step_with_logprob`)."""
+    scheduler's schedule when `prev_timestep` is None."""
     train_steps = scheduler.config.num_train_timesteps
     current = torch.as_tensor(timestep).detach().to("cpu", torch.float32).reshape(-1)
     if prev_timestep is None:
