@@ -195,3 +195,20 @@ def cli_cases_in_one_process(argvs: list[list[str]], watch: Path, launcher: list
     assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
     report = json.loads(result.stdout)
     return report["cases"], report["heavy"]
+
+
+def flow_scheduler(steps: int = 10):
+    """diffusers' flow-matching Euler scheduler with SD3's shift 3, set to `steps` steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def velocity_inputs(seed: int = 0):
+    """(velocity, sample), each (3, 4, 8, 8) standard normal, for one flow step."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)

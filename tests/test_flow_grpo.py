@@ -10,9 +10,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
-from helpers import assert_learned, learning_cases, learning_run
+from helpers import assert_learned, flow_scheduler, learning_cases, learning_run, velocity_inputs
 from ddpo.core.configuration.config import SampleConfig
 from ddpo.core.engine.rollout import RolloutEngine, sample_batch
 from ddpo.core.math.advantages import group_advantages
@@ -20,17 +19,6 @@ from ddpo.core.math.logprob import flow_sde_step_with_logprob
 from ddpo.plugins.models.ddpm import PixelDDPM
 from ddpo.plugins.models.sd3 import StableDiffusion3
 from ddpo.plugins.prompts import SimpleAnimals
-
-
-def flow_scheduler(steps=10):
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def velocity_inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
 
 
 def test_flow_sde_with_zero_noise_is_the_schedulers_euler_step():

@@ -7,23 +7,12 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
+from helpers import flow_scheduler, velocity_inputs
 from ddpo.core.math.logprob import FLOW_SDE_STEPS, cps_step_with_logprob, dance_grpo_step_with_logprob
 from ddpo.core.math.samplers import FlowSDESampler
 
 NEW_STEPS = {"dance-grpo": dance_grpo_step_with_logprob, "cps": cps_step_with_logprob}
-
-
-def flow_scheduler(steps=10):
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def velocity_inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
 
 
 def hand_mean_std(sde, sigma, sigma_next, x, v, eta):
