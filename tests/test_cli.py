@@ -40,6 +40,19 @@ def test_missing_weights_are_a_usage_error_and_leave_nothing_behind(forked_cli, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("role, sets", [
+    ("reward", ["--reward", "clipscore", "--set", "reward.clip_model={nowhere}"]),
+    ("eval.rewards", ["--set", "eval.rewards=[{{name: clipscore, clip_model: {nowhere}}}]"]),
+])
+def test_missing_reward_weights_are_a_usage_error_and_leave_nothing_behind(forked_cli, tmp_path, role, sets):
+    nowhere = tmp_path / "no-clip"
+    result = forked_cli.run("run", *[argument.format(nowhere=nowhere) for argument in sets],
+                            "--logdir", str(tmp_path / "runs"))
+    assert_one_line_usage_error(result, "cannot load the weights of reward 'clipscore'",
+                                f"{role}.clip_model='{nowhere}'", "a local path that holds them")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("run", "--algo", "nope", env={"DDPO_DEBUG": "1"}, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" in result.stderr

@@ -76,9 +76,10 @@ def register(app: typer.Typer) -> None:
         except ImportError as error:
             raise UsageError(f"serve-reward needs fastapi and uvicorn ({error}); pip install 'ddpo[serve]'") from None
         from ddpo.core.engine.sampling import ensure_device_available
+        from ddpo.core.engine.startup import load_reward
 
         ensure_device_available(device)
-        reward.load(_device(device))
+        load_reward(reward, _device(device))
         try:
             server = RewardServer(reward, host=host, port=port, token=token, max_batch=max_batch,
                                   batch_window=batch_window, max_request_bytes=int(max_request_mb * MEBIBYTE))

@@ -1,5 +1,6 @@
 """Start-up: the cyclic garbage collector paused while the heavy third-party modules import and the weights load,
-and a third-party warning that every start would print dropped.
+a reward whose weights cannot be found reported as a usage error, and a third-party warning that every start
+would print dropped.
 
 Importing torch and diffusers creates millions of long-lived objects (torch._dynamo alone pulls in sympy), and
 each time the youngest generation fills, CPython's collector may walk all of them again: about a sixth of the
@@ -14,6 +15,14 @@ import contextlib
 import gc
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ddpo.core.configuration.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ddpo.core.plugin_api.base import Reward
 
 
 @contextlib.contextmanager
@@ -30,6 +39,23 @@ def gc_paused() -> Iterator[None]:
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BITSANDBYTES_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def load_reward(reward: Reward, device: torch.device, role: str = "reward") -> None:
+    """`reward.load(device)`, with weights that cannot be found (a hub id with no network and no cached copy, a
+    local path that does not exist or holds no such files: transformers, huggingface_hub and torch raise
+    OSError for all of these) reported as one usage line naming the reward, where it is configured (`role`:
+    "reward" or "eval.rewards") and its options, instead of a traceback."""
+    try:
+        with gc_paused():
+            reward.load(device)
+    except OSError as error:
+        reason = " ".join(str(error).split())[:300].rstrip(".")
+        options = ", ".join(f"{role}.{key}={value!r}" for key, value in reward.options.model_dump().items()
+                            if isinstance(value, str) and value)
+        raise UsageError(f"cannot load the weights of reward '{reward.name}' ({options or 'no options'}): "
+                         f"{reason}. Give a hub id (needs the network or a cached copy) or a local "
+                         f"path that holds them") from error
 
 
 def quiet_bitsandbytes_kernel_warning() -> None:

@@ -38,6 +38,7 @@ from ddpo.core.engine.profiling import PHASES, EpochProfiler
 from ddpo.core.engine.rollout import RolloutEngine
 from ddpo.core.engine.run import Run, derive_seed
 from ddpo.core.engine.sampling import ensure_device_available
+from ddpo.core.engine.startup import load_reward
 from ddpo.core.math.advantages import PerPromptStatTracker
 from ddpo.core.plugin_api.base import Algorithm, PromptSet, Reward
 from ddpo.core.plugin_api.model import Model
@@ -106,8 +107,9 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
     model.load(accelerator.device, DTYPES[config.mixed_precision])
     model.use_sde(config.sample.sde)
     model.configure_training()
-    for scorer in (reward, *eval_rewards.values()):
-        scorer.load(accelerator.device)
+    load_reward(reward, accelerator.device)
+    for scorer in eval_rewards.values():
+        load_reward(scorer, accelerator.device, role="eval.rewards")
     probe_rewards(model, [reward, *eval_rewards.values()], prompt_set, registry)
     optimizer = make_optimizer(model.trainable_parameters(), config.train)
     prepare_denoiser(model, config.train.gradient_checkpointing)
