@@ -246,6 +246,26 @@ def test_grpo_runs_on_the_tiny_sd3_pipeline_and_exports_lora_for_diffusers(tiny_
     assert torch.allclose(loaded, trained, atol=1e-5)  # diffusers' loader reads them as they were trained
 
 
+@pytest.mark.parametrize("sde", ["dance-grpo", "cps"])
+def test_grpo_trains_the_tiny_sd3_with_each_flow_sde(sde, tiny_sd3, forked_cli, tmp_path):
+    """A GRPO run samples and trains with the chosen `sample.sde`: the first pass recomputes every sampled step's
+    log-prob under the same step (ratio 1 to float rounding; a different step's density would be far off), the
+    KL to the pretrained model is 0 in the first epoch (LoRA's B is 0 until its one optimizer step) and not in
+    the second: the step moved the adapters."""
+    result = forked_cli.run("run", "--algo", "grpo", "--model", "sd3", "--reward", "compressibility",
+                            "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
+                            "--set", f"sample.sde={sde}", "--set", "algorithm.group_size=4",
+                            "--set", "algorithm.kl_beta=0.04", "--set", "sample.batch_size=4",
+                            "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=3",
+                            "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
+                            "--epochs", "2", "--logdir", str(tmp_path), "--run-name", sde)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / sde / "metrics.jsonl").read_text().splitlines()]
+    assert all(record["policy/ratio_dev_first"] <= 1e-5 for record in records), records
+    assert [record["train/optimizer_steps"] for record in records] == [1, 1]
+    assert records[0]["loss/kl"] == 0 and records[1]["loss/kl"] > 0
+
+
 GRPO_THRESHOLD, GRPO_EPOCHS = 0.19, 8
 
 
