@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 RANKS_PROBE = '''
 """What each process saw, for the tests to recompute in one process: after every update,
-ranks/epoch{E}-rank{R}.pt with the epoch's rewards, prompts, group ids and advantages of this process, and for
+ranks/epoch{E}-rank{R}.pt with the epoch's rewards, prompts, decoded images, group ids and advantages of this
+process, and for
 TDPO its returns (the per-prompt normalised rewards), the probe batch of its neuron scores as the critic's MLP reads
 it, the MLP's linear layers and the scores; at the end of every epoch, weights/epoch{E}-rank{R}.safetensors with
 every trained module's weights ("policy.", "critic.", ...)."""
@@ -42,7 +43,9 @@ _epoch_trajectory = []
 
 @ddpo.hookimpl
 def on_rewards(run, trajectory):
-    _epoch_trajectory[:] = [trajectory]
+    with torch.no_grad():
+        images = run.model.decode(trajectory.latents[:, -1].to(run.accelerator.device)).cpu()
+    _epoch_trajectory[:] = [trajectory, images]
 
 
 @ddpo.hookimpl
@@ -51,8 +54,8 @@ def on_update_end(run, metrics):
 
     from ddpo.plugins.algorithms.tdpo import TemporalDPO
 
-    trajectory = _epoch_trajectory[0]
-    dump = {"rewards": trajectory.rewards.cpu(), "prompts": list(trajectory.prompts),
+    trajectory, images = _epoch_trajectory
+    dump = {"rewards": trajectory.rewards.cpu(), "prompts": list(trajectory.prompts), "images": images,
             "group_ids": trajectory.group_ids.cpu(), "advantages": trajectory.advantages.cpu()}
     if isinstance(run.algorithm, TemporalDPO):
         critic = run.accelerator.unwrap_model(run.algorithm.critic)
@@ -178,6 +181,21 @@ def test_grpo_groups_span_the_ranks_and_each_rank_keeps_its_rows(grpo_runs):
         advantages = rank["advantages"].double()
         assert torch.allclose(advantages, together[index * 4:(index + 1) * 4], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(advantages, group_advantages(rank["rewards"], 4), rtol=1e-3, atol=1e-3)
+
+
+def test_diversity_is_measured_over_every_ranks_samples(grpo_runs):
+    """`monitor/diversity` pairs the samples of both ranks (gathered features and prompts), not each rank's own:
+    it equals the measure of all 8 images recomputed in one process, which differs from rank 0's 4 alone."""
+    from ddpo.core.engine.monitors import diversity, image_features
+
+    ranks = rank_dumps(grpo_runs["false"], 1)
+    images = torch.cat([rank["images"] for rank in ranks])
+    prompts = [prompt for rank in ranks for prompt in rank["prompts"]]
+    [record] = read_metrics(grpo_runs["false"])
+    expected = diversity(image_features(images), prompts)
+    assert record["monitor/diversity"] == pytest.approx(expected, rel=1e-5)
+    alone = diversity(image_features(ranks[0]["images"]), ranks[0]["prompts"])
+    assert abs(alone - expected) > 1e-3 * expected
 
 
 def test_gradient_from_sampling_averages_the_step_over_processes(grpo_runs):
