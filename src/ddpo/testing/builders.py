@@ -333,3 +333,69 @@ def build_tiny_qwen2_vl(directory: str | Path, seed: int = 0, words: tuple[str, 
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def _random_tensor(generator: torch.Generator, *shape: int, scale: float | None = None) -> torch.Tensor:
+    """Normal noise of `shape`, scaled by 1/sqrt(fan-in) (the last dimension) unless `scale` is given."""
+    scale = shape[-1] ** -0.5 if scale is None else scale
+    return torch.randn(*shape, generator=generator) * scale
+
+
+def _random_layer_norm(generator: torch.Generator, prefix: str, width: int) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.weight": 1 + _random_tensor(generator, width, scale=0.1),
+            f"{prefix}.bias": _random_tensor(generator, width, scale=0.1)}
+
+
+def _random_linear(generator: torch.Generator, prefix: str, out_features: int, in_features: int,
+                   bias: bool = True) -> dict[str, torch.Tensor]:
+    state = {f"{prefix}.weight": _random_tensor(generator, out_features, in_features)}
+    if bias:
+        state[f"{prefix}.bias"] = _random_tensor(generator, out_features, scale=0.1)
+    return state
+
+
+def _open_clip_resblocks(generator: torch.Generator, prefix: str, width: int, layers: int) -> dict[str, torch.Tensor]:
+    """open_clip `Transformer` residual blocks: fused attention input projection, 4x MLP."""
+    state = {}
+    for index in range(layers):
+        block = f"{prefix}.resblocks.{index}"
+        state.update(_random_layer_norm(generator, f"{block}.ln_1", width))
+        state[f"{block}.attn.in_proj_weight"] = _random_tensor(generator, 3 * width, width)
+        state[f"{block}.attn.in_proj_bias"] = _random_tensor(generator, 3 * width, scale=0.1)
+        state.update(_random_linear(generator, f"{block}.attn.out_proj", width, width))
+        state.update(_random_layer_norm(generator, f"{block}.ln_2", width))
+        state.update(_random_linear(generator, f"{block}.mlp.c_fc", 4 * width, width))
+        state.update(_random_linear(generator, f"{block}.mlp.c_proj", width, 4 * width))
+    return state
+
+
+def build_tiny_hps(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random open_clip ViT CLIP as HPSv2.1's checkpoint file `HPS_v2.1_compressed.pt` ({"state_dict": ...}
+    under open_clip's key names: `visual.transformer.resblocks.N.attn.in_proj_weight`, `text_projection`, ...) with a
+    CLIP processor (character tokenizer, image-processor config at `image_size`) to `directory`, for the `hps`
+    reward: `--set reward.pretrained=DIR --set reward.processor=DIR`. Vision width 160 (two heads of ViT-H-14's
+    head width 80), 8-pixel patches; text width 128 (two heads of 64), 77 tokens; 2 layers each; embeddings 32-d."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _character_clip_tokenizer(model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    _write_clip_image_processor_config(directory, image_size)
+    generator = torch.Generator().manual_seed(seed)
+    vision_width, text_width, patch_size, embed_dim, layers = 160, 128, 8, 32, 2
+    state = {"visual.class_embedding": _random_tensor(generator, vision_width),
+             "visual.positional_embedding": _random_tensor(generator, (image_size // patch_size) ** 2 + 1,
+                                                           vision_width),
+             "visual.conv1.weight": _random_tensor(generator, vision_width, 3, patch_size, patch_size,
+                                                   scale=(3 * patch_size ** 2) ** -0.5)}
+    state.update(_random_layer_norm(generator, "visual.ln_pre", vision_width))
+    state.update(_open_clip_resblocks(generator, "visual.transformer", vision_width, layers))
+    state.update(_random_layer_norm(generator, "visual.ln_post", vision_width))
+    state["visual.proj"] = _random_tensor(generator, vision_width, embed_dim, scale=vision_width ** -0.5)
+    state["token_embedding.weight"] = _random_tensor(generator, len(tokenizer), text_width, scale=0.5)
+    state["positional_embedding"] = _random_tensor(generator, 77, text_width, scale=0.1)
+    state.update(_open_clip_resblocks(generator, "transformer", text_width, layers))
+    state.update(_random_layer_norm(generator, "ln_final", text_width))
+    state["text_projection"] = _random_tensor(generator, text_width, embed_dim, scale=text_width ** -0.5)
+    state["logit_scale"] = torch.tensor(4.6052)
+    torch.save({"state_dict": state}, directory / "HPS_v2.1_compressed.pt")
+    return directory
