@@ -149,3 +149,54 @@ def test_registered_as_a_reward():
     from ddpo.core.plugin_api.registry import get_registry
 
     assert get_registry().get("rewards", "hps") is Hps
+
+
+def test_hpsv2_checkpoint_layout_maps_onto_clip_vit_h_14_exactly():
+    """HPS_v2.1_compressed.pt's keys and shapes (open_clip ViT-H-14: vision 1280 wide, 32 layers, patch 14 at 224;
+    text 1024 wide, 24 layers, 77 tokens; embeddings 1024), as meta tensors: the config read from them is
+    ViT-H-14's, and the renamed keys are exactly CLIPModel's, shape for shape."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from transformers import CLIPModel
+
+    from ddpo.plugins.rewards.hps import clip_config_from_open_clip, open_clip_to_transformers
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    def blocks(prefix, width, layers):
+        state = {}
+        for index in range(layers):
+            block = f"{prefix}.resblocks.{index}"
+            state.update({f"{block}.ln_1.weight": meta(width), f"{block}.ln_1.bias": meta(width),
+                          f"{block}.attn.in_proj_weight": meta(3 * width, width),
+                          f"{block}.attn.in_proj_bias": meta(3 * width),
+                          f"{block}.attn.out_proj.weight": meta(width, width),
+                          f"{block}.attn.out_proj.bias": meta(width),
+                          f"{block}.ln_2.weight": meta(width), f"{block}.ln_2.bias": meta(width),
+                          f"{block}.mlp.c_fc.weight": meta(4 * width, width),
+                          f"{block}.mlp.c_fc.bias": meta(4 * width),
+                          f"{block}.mlp.c_proj.weight": meta(width, 4 * width),
+                          f"{block}.mlp.c_proj.bias": meta(width)})
+        return state
+
+    state = {"visual.class_embedding": meta(1280), "visual.positional_embedding": meta(257, 1280),
+             "visual.proj": meta(1280, 1024), "visual.conv1.weight": meta(1280, 3, 14, 14),
+             "token_embedding.weight": meta(49408, 1024), "positional_embedding": meta(77, 1024),
+             "text_projection": meta(1024, 1024), "logit_scale": meta(())}
+    for norm, width in (("visual.ln_pre", 1280), ("visual.ln_post", 1280), ("ln_final", 1024)):
+        state.update({f"{norm}.weight": meta(width), f"{norm}.bias": meta(width)})
+    state.update(blocks("visual.transformer", 1280, 32))
+    state.update(blocks("transformer", 1024, 24))
+    config = clip_config_from_open_clip(state, SimpleNamespace(bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size,
+            vision.image_size, vision.intermediate_size) == (1280, 32, 16, 14, 224, 5120)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.max_position_embeddings,
+            text.vocab_size, config.projection_dim) == (1024, 24, 16, 77, 49408, 1024)
+    with init_empty_weights():
+        model = CLIPModel(config)
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()
+                if not key.endswith("position_ids")}
+    assert {key: tuple(value.shape) for key, value in open_clip_to_transformers(state).items()} == expected

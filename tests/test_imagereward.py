@@ -166,3 +166,65 @@ def test_registered_as_a_reward():
     from ddpo.core.plugin_api.registry import get_registry
 
     assert get_registry().get("rewards", "imagereward") is ImageReward
+
+
+def test_imagereward_checkpoint_layout_maps_onto_blip_exactly():
+    """ImageReward.pt's keys and shapes (BLIP ViT-L/16 at 224: 1024 wide, 24 layers; BERT-base with cross-attention
+    from THUDM/ImageReward's med_config.json), as meta tensors: the configs read from them are ViT-L's and
+    BERT-base's, and every tensor lands on a weight of BlipVisionModel, BlipTextModel or the MLP, shape for shape."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from transformers import BlipTextModel, BlipVisionModel
+
+    from ddpo.plugins.rewards.imagereward import blip_configs, split_checkpoint
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    def linear(prefix, out_features, in_features):
+        return {f"{prefix}.weight": meta(out_features, in_features), f"{prefix}.bias": meta(out_features)}
+
+    def norm(prefix, width):
+        return {f"{prefix}.weight": meta(width), f"{prefix}.bias": meta(width)}
+
+    vit, bert = "blip.visual_encoder", "blip.text_encoder"
+    state = {f"{vit}.cls_token": meta(1, 1, 1024), f"{vit}.pos_embed": meta(1, 197, 1024),
+             f"{vit}.patch_embed.proj.weight": meta(1024, 3, 16, 16), f"{vit}.patch_embed.proj.bias": meta(1024),
+             **norm(f"{vit}.norm", 1024), f"{bert}.embeddings.word_embeddings.weight": meta(30524, 768),
+             f"{bert}.embeddings.position_embeddings.weight": meta(512, 768),
+             f"{bert}.embeddings.position_ids": meta(1, 512), **norm(f"{bert}.embeddings.LayerNorm", 768),
+             **linear("blip.vision_proj", 256, 1024), **linear("blip.text_proj", 256, 768)}
+    for index in range(24):
+        block = f"{vit}.blocks.{index}"
+        state.update({**norm(f"{block}.norm1", 1024), **linear(f"{block}.attn.qkv", 3072, 1024),
+                      **linear(f"{block}.attn.proj", 1024, 1024), **norm(f"{block}.norm2", 1024),
+                      **linear(f"{block}.mlp.fc1", 4096, 1024), **linear(f"{block}.mlp.fc2", 1024, 4096)})
+    for index in range(12):
+        layer = f"{bert}.encoder.layer.{index}"
+        for part, key_width in (("attention", 768), ("crossattention", 1024)):
+            state.update({**linear(f"{layer}.{part}.self.query", 768, 768),
+                          **linear(f"{layer}.{part}.self.key", 768, key_width),
+                          **linear(f"{layer}.{part}.self.value", 768, key_width),
+                          **linear(f"{layer}.{part}.output.dense", 768, 768),
+                          **norm(f"{layer}.{part}.output.LayerNorm", 768)})
+        state.update({**linear(f"{layer}.intermediate.dense", 3072, 768), **linear(f"{layer}.output.dense", 768, 3072),
+                      **norm(f"{layer}.output.LayerNorm", 768)})
+    for index, shape in zip((0, 2, 4, 6, 7), ((1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        state.update(linear(f"mlp.layers.{index}", *shape))
+    med_config = {"hidden_act": "gelu", "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
+                  "max_position_embeddings": 512, "num_attention_heads": 12, "num_hidden_layers": 12,
+                  "pad_token_id": 0, "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+    vision, text = blip_configs(state, med_config, SimpleNamespace(bos_token_id=30522, sep_token_id=102), "x")
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size,
+            vision.image_size, vision.layer_norm_eps) == (1024, 24, 16, 16, 224, 1e-6)
+    assert (text.hidden_size, text.num_hidden_layers, text.encoder_hidden_size, text.vocab_size) == \
+        (768, 12, 1024, 30524)
+    vision_state, text_state, mlp_state = split_checkpoint(state)
+    assert len(vision_state) + len(text_state) + len(mlp_state) == len(state) - 5  # position_ids and the two heads
+    with init_empty_weights():
+        for module, part in ((BlipVisionModel(vision), vision_state), (BlipTextModel(text, add_pooling_layer=False),
+                                                                       text_state)):
+            expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+            assert {k: tuple(v.shape) for k, v in part.items()} == expected
+    assert sorted(mlp_state) == sorted(f"layers.{i}.{kind}" for i in (0, 2, 4, 6, 7) for kind in ("weight", "bias"))

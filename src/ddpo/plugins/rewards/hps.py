@@ -142,15 +142,18 @@ def clip_config_from_open_clip(state: dict, tokenizer):
 
 
 def load_hps_clip(path, tokenizer):
-    """transformers' `CLIPModel` holding the open_clip weights of the HPS checkpoint at `path` (float32, CPU)."""
+    """transformers' `CLIPModel` holding the open_clip weights of the HPS checkpoint at `path` (on the CPU, in the
+    file's dtype)."""
+    from accelerate import init_empty_weights
     from transformers import CLIPModel
 
     from ddpo.plugins.rewards.aesthetic import load_state_dict
 
     state = load_state_dict(path)
     state = state.get("state_dict", state)
-    model = CLIPModel(clip_config_from_open_clip(state, tokenizer))
-    result = model.load_state_dict(open_clip_to_transformers(state), strict=False)
+    with init_empty_weights():  # parameters on the meta device: no random init of ~1B weights, no second copy
+        model = CLIPModel(clip_config_from_open_clip(state, tokenizer))
+    result = model.load_state_dict(open_clip_to_transformers(state), strict=False, assign=True)
     missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
     if missing:
         raise UsageError(f"the HPS checkpoint {path} lacks weights for {missing[0]} (and {len(missing) - 1} more)")

@@ -120,7 +120,7 @@ def blip_configs(state: dict, med_config: dict, tokenizer, source):
 
 
 def _load_strictly(module, state: dict, source, part: str) -> None:
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False, assign=True)
     problems = [f"lacks {key}" for key in result.missing_keys if not key.endswith("position_ids")]
     problems += [f"has an unexpected {key}" for key in result.unexpected_keys]
     if problems:
@@ -145,6 +145,7 @@ class ImageReward(ddpo.Reward):
 
     def load(self, device):
         import transformers
+        from accelerate import init_empty_weights
         from transformers import BlipTextModel, BlipVisionModel
 
         from ddpo.plugins.rewards.aesthetic import build_aesthetic_mlp, load_state_dict
@@ -173,9 +174,10 @@ class ImageReward(ddpo.Reward):
                              f"two added, more than the checkpoint's vocabulary of {text_config.vocab_size}")
         vision_state, text_state, mlp_state = split_checkpoint(state)
         dtype = resolve_dtype(self.options.dtype, device)
-        self.vision = BlipVisionModel(vision_config)
+        with init_empty_weights():  # parameters on the meta device until the checkpoint's tensors are assigned
+            self.vision = BlipVisionModel(vision_config)
+            self.text = BlipTextModel(text_config, add_pooling_layer=False)
         _load_strictly(self.vision, vision_state, path, "image encoder")
-        self.text = BlipTextModel(text_config, add_pooling_layer=False)
         _load_strictly(self.text, text_state, path, "text encoder")
         self.mlp = build_aesthetic_mlp(text_config.hidden_size)
         _load_strictly(self.mlp, mlp_state, path, "MLP head")
