@@ -333,3 +333,147 @@ def build_tiny_qwen2_vl(directory: str | Path, seed: int = 0, words: tuple[str, 
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def _random_tensor(generator: torch.Generator, *shape: int, scale: float | None = None) -> torch.Tensor:
+    """Normal noise of `shape`, scaled by 1/sqrt(fan-in) (the last dimension) unless `scale` is given."""
+    scale = shape[-1] ** -0.5 if scale is None else scale
+    return torch.randn(*shape, generator=generator) * scale
+
+
+def _random_layer_norm(generator: torch.Generator, prefix: str, width: int) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.weight": 1 + _random_tensor(generator, width, scale=0.1),
+            f"{prefix}.bias": _random_tensor(generator, width, scale=0.1)}
+
+
+def _random_linear(generator: torch.Generator, prefix: str, out_features: int, in_features: int,
+                   bias: bool = True) -> dict[str, torch.Tensor]:
+    state = {f"{prefix}.weight": _random_tensor(generator, out_features, in_features)}
+    if bias:
+        state[f"{prefix}.bias"] = _random_tensor(generator, out_features, scale=0.1)
+    return state
+
+
+def _open_clip_resblocks(generator: torch.Generator, prefix: str, width: int, layers: int) -> dict[str, torch.Tensor]:
+    """open_clip `Transformer` residual blocks: fused attention input projection, 4x MLP."""
+    state = {}
+    for index in range(layers):
+        block = f"{prefix}.resblocks.{index}"
+        state.update(_random_layer_norm(generator, f"{block}.ln_1", width))
+        state[f"{block}.attn.in_proj_weight"] = _random_tensor(generator, 3 * width, width)
+        state[f"{block}.attn.in_proj_bias"] = _random_tensor(generator, 3 * width, scale=0.1)
+        state.update(_random_linear(generator, f"{block}.attn.out_proj", width, width))
+        state.update(_random_layer_norm(generator, f"{block}.ln_2", width))
+        state.update(_random_linear(generator, f"{block}.mlp.c_fc", 4 * width, width))
+        state.update(_random_linear(generator, f"{block}.mlp.c_proj", width, 4 * width))
+    return state
+
+
+def build_tiny_hps(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random open_clip ViT CLIP as HPSv2.1's checkpoint file `HPS_v2.1_compressed.pt` ({"state_dict": ...}
+    under open_clip's key names: `visual.transformer.resblocks.N.attn.in_proj_weight`, `text_projection`, ...) with a
+    CLIP processor (character tokenizer, image-processor config at `image_size`) to `directory`, for the `hps`
+    reward: `--set reward.pretrained=DIR --set reward.processor=DIR`. Vision width 160 (two heads of ViT-H-14's
+    head width 80), 8-pixel patches; text width 128 (two heads of 64), 77 tokens; 2 layers each; embeddings 32-d."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _character_clip_tokenizer(model_max_length=77)
+    tokenizer.save_pretrained(directory)
+    _write_clip_image_processor_config(directory, image_size)
+    generator = torch.Generator().manual_seed(seed)
+    vision_width, text_width, patch_size, embed_dim, layers = 160, 128, 8, 32, 2
+    state = {"visual.class_embedding": _random_tensor(generator, vision_width),
+             "visual.positional_embedding": _random_tensor(generator, (image_size // patch_size) ** 2 + 1,
+                                                           vision_width),
+             "visual.conv1.weight": _random_tensor(generator, vision_width, 3, patch_size, patch_size,
+                                                   scale=(3 * patch_size ** 2) ** -0.5)}
+    state.update(_random_layer_norm(generator, "visual.ln_pre", vision_width))
+    state.update(_open_clip_resblocks(generator, "visual.transformer", vision_width, layers))
+    state.update(_random_layer_norm(generator, "visual.ln_post", vision_width))
+    state["visual.proj"] = _random_tensor(generator, vision_width, embed_dim, scale=vision_width ** -0.5)
+    state["token_embedding.weight"] = _random_tensor(generator, len(tokenizer), text_width, scale=0.5)
+    state["positional_embedding"] = _random_tensor(generator, 77, text_width, scale=0.1)
+    state.update(_open_clip_resblocks(generator, "transformer", text_width, layers))
+    state.update(_random_layer_norm(generator, "ln_final", text_width))
+    state["text_projection"] = _random_tensor(generator, text_width, embed_dim, scale=text_width ** -0.5)
+    state["logit_scale"] = torch.tensor(4.6052)
+    torch.save({"state_dict": state}, directory / "HPS_v2.1_compressed.pt")
+    return directory
+
+
+def _character_bert_tokenizer(directory: Path):
+    """A BERT WordPiece tokenizer over lower-case ASCII characters ([PAD] 0, [UNK], [CLS], [SEP], [MASK], each
+    character alone and as a `##` continuation), saved to `directory` and loaded back."""
+    from transformers import BertTokenizer
+
+    characters = [chr(code) for code in range(33, 127) if not chr(code).isupper()]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + characters + ["##" + c for c in characters]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True, model_max_length=512).save_pretrained(directory)
+    return BertTokenizer.from_pretrained(directory)
+
+
+def _bert_attention(generator: torch.Generator, prefix: str, width: int, key_width: int) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, in_features in (("query", width), ("key", key_width), ("value", key_width)):
+        state.update(_random_linear(generator, f"{prefix}.self.{name}", width, in_features))
+    state.update(_random_linear(generator, f"{prefix}.output.dense", width, width))
+    state.update(_random_layer_norm(generator, f"{prefix}.output.LayerNorm", width))
+    return state
+
+
+def build_tiny_imagereward(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a random ImageReward checkpoint `ImageReward.pt` under the public key names (`blip.visual_encoder.*`
+    as BLIP's timm-style ViT, `blip.text_encoder.*` as BLIP's BERT with cross-attention, `blip.vision_proj`,
+    `blip.text_proj`, `mlp.layers.{0,2,4,6,7}`), its `med_config.json` and a character BERT tokenizer to
+    `directory`, for the `imagereward` reward: `--set reward.pretrained=DIR --set reward.tokenizer=DIR`. ViT width
+    128 (two heads of 64), 8-pixel patches; text width 64 (two heads), 2 layers each; the MLP 64 -> 1024 -> 128 ->
+    64 -> 16 -> 1."""
+    directory = Path(directory)
+    tokenizer = _character_bert_tokenizer(directory)
+    vision_width, text_width, patch_size, layers, max_positions = 128, 64, 8, 2, 64
+    vocab_size = len(tokenizer) + 2  # BLIP adds [DEC] and [ENC]
+    med_config = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+                  "hidden_dropout_prob": 0.1, "hidden_size": text_width, "initializer_range": 0.02,
+                  "intermediate_size": 2 * text_width, "layer_norm_eps": 1e-12,
+                  "max_position_embeddings": max_positions, "model_type": "bert", "num_attention_heads": 2,
+                  "num_hidden_layers": layers, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size,
+                  "encoder_width": vision_width, "add_cross_attention": True}
+    (directory / "med_config.json").write_text(json.dumps(med_config, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+    vit, bert = "blip.visual_encoder", "blip.text_encoder"
+    state = {f"{vit}.cls_token": _random_tensor(generator, 1, 1, vision_width, scale=0.5),
+             f"{vit}.pos_embed": _random_tensor(generator, 1, (image_size // patch_size) ** 2 + 1, vision_width,
+                                                scale=0.5)}
+    state.update(_random_linear(generator, f"{vit}.patch_embed.proj", vision_width, 3 * patch_size ** 2))
+    state[f"{vit}.patch_embed.proj.weight"] = state[f"{vit}.patch_embed.proj.weight"].reshape(
+        vision_width, 3, patch_size, patch_size)
+    for index in range(layers):
+        block = f"{vit}.blocks.{index}"
+        state.update(_random_layer_norm(generator, f"{block}.norm1", vision_width))
+        state.update(_random_linear(generator, f"{block}.attn.qkv", 3 * vision_width, vision_width))
+        state.update(_random_linear(generator, f"{block}.attn.proj", vision_width, vision_width))
+        state.update(_random_layer_norm(generator, f"{block}.norm2", vision_width))
+        state.update(_random_linear(generator, f"{block}.mlp.fc1", 4 * vision_width, vision_width))
+        state.update(_random_linear(generator, f"{block}.mlp.fc2", vision_width, 4 * vision_width))
+    state.update(_random_layer_norm(generator, f"{vit}.norm", vision_width))
+    state[f"{bert}.embeddings.position_ids"] = torch.arange(max_positions).expand(1, -1)
+    state[f"{bert}.embeddings.word_embeddings.weight"] = _random_tensor(generator, vocab_size, text_width, scale=1.0)
+    state[f"{bert}.embeddings.position_embeddings.weight"] = _random_tensor(generator, max_positions, text_width,
+                                                                            scale=0.3)
+    state.update(_random_layer_norm(generator, f"{bert}.embeddings.LayerNorm", text_width))
+    for index in range(layers):
+        layer = f"{bert}.encoder.layer.{index}"
+        state.update(_bert_attention(generator, f"{layer}.attention", text_width, text_width))
+        state.update(_bert_attention(generator, f"{layer}.crossattention", text_width, vision_width))
+        state.update(_random_linear(generator, f"{layer}.intermediate.dense", 2 * text_width, text_width))
+        state.update(_random_linear(generator, f"{layer}.output.dense", text_width, 2 * text_width))
+        state.update(_random_layer_norm(generator, f"{layer}.output.LayerNorm", text_width))
+    state.update(_random_linear(generator, "blip.vision_proj", 256, vision_width))
+    state.update(_random_linear(generator, "blip.text_proj", 256, text_width))
+    for index, (out_features, in_features) in zip((0, 2, 4, 6, 7), ((1024, text_width), (128, 1024), (64, 128),
+                                                                    (16, 64), (1, 16))):
+        state.update(_random_linear(generator, f"mlp.layers.{index}", out_features, in_features))
+    torch.save(state, directory / "ImageReward.pt")
+    return directory

@@ -91,15 +91,16 @@ def load_state_dict(path: Path) -> dict:
     return state
 
 
-def build_aesthetic_mlp():
-    """The predictor's MLP, laid out so the public state dict's keys match (dropouts at layers 1, 3, 5)."""
+def build_aesthetic_mlp(input_dim: int = EMBEDDING_DIM):
+    """The predictor's MLP, laid out so the public state dict's keys match (dropouts at layers 1, 3, 5). ImageReward's
+    head is the same MLP on its 768-d BLIP feature (`input_dim`)."""
     from torch import nn
 
     class AestheticMLP(nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = nn.Sequential(
-                nn.Linear(EMBEDDING_DIM, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                nn.Linear(input_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                 nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
         def forward(self, embeddings):
