@@ -155,3 +155,25 @@ def test_grpo_trains_wan_with_lora_writes_videos_and_exports_lora_for_the_vanill
         trained = ours.denoiser(**inputs).sample
     assert not torch.allclose(base, trained, atol=1e-6)  # the update moved the adapters
     assert torch.allclose(loaded, trained, atol=1e-5)  # diffusers' loader reads them as they were trained
+
+
+def test_a_critic_reads_a_video_state_as_the_mean_of_its_frames_features():
+    """TDPO-R's temporal critic on a video model: a state's features are the mean over its decoded frames of the
+    per-image features (here the pixel features, each 40-pixel frame area-pooled to the critic's 32)."""
+    from ddpo.core.math.critic import CriticFeatures
+
+    class VideoModel:
+        def initial_noise(self, count, generator):
+            return torch.rand(count, 3, FRAMES, 40, 40, generator=generator)
+
+        def decode(self, states):
+            return states  # pixel-space "latents": the videos themselves
+
+    features = CriticFeatures("pixels")
+    features.load(VideoModel(), reward=None, device=torch.device("cpu"))
+    videos = VideoModel().initial_noise(2, torch.Generator().manual_seed(1))
+    pooled = torch.nn.functional.interpolate(videos.transpose(1, 2).flatten(0, 1), size=features.pixel_shape[1:],
+                                             mode="area")
+    expected = pooled.reshape(2, FRAMES, -1).mean(dim=1)
+    assert features.feature_dim == expected.shape[1]
+    assert torch.allclose(features(VideoModel(), videos), expected)
