@@ -122,7 +122,8 @@ def test_grpo_trains_wan_with_lora_writes_videos_and_exports_lora_for_the_vanill
                             "--set", f"model.max_sequence_length={TOKENS}", "--set", "algorithm.group_size=4",
                             "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
                             "--set", "sample.num_steps=2", "--set", "train.batch_size=4", "--set", "train.grad_accum=1",
-                            "--set", "eval.num_steps=2", "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "video")
+                            "--set", "eval.num_steps=2", "--epochs", "1", "--logdir", str(tmp_path),
+                            "--run-name", "video")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "video"
     record = json.loads((run_dir / "metrics.jsonl").read_text())

@@ -2,29 +2,33 @@
 diffusers' `WanPipeline`.
 
 The WanTransformer3DModel is the policy: LoRA adapters on its attention projections (self- and cross-attention:
-to_q/k/v, to_out.0; rank 32, alpha 64 as Flow-GRPO's Wan script, scripts/train_wan2_1.py `transformer_lora_config`)
-or all its weights. Prompts are encoded by the UMT5 encoder as the pipeline does (`WanPipeline.encode_prompt`: the
-embeddings of the prompt's tokens, zeros past them), per-token embeddings (B, L, D). A video of F frames at
-H x W pixels is one state x of shape (C, F', H/8, W/8) with F' = (F − 1)/4 + 1 latent frames (the VAE compresses
-time 4x, keeping the first frame), so the trajectory's latents are (B, T+1, C, F', H/8, W/8).
+to_q/k/v, to_out.0; rank 32, alpha 64 as Flow-GRPO's Wan script, yifan123/flow_grpo@74db691 scripts/train_wan2_1.py
+`transformer_lora_config`, whose other targets, add_k/q/v_proj and to_add_out, a text-to-video Wan does not have) or
+all its weights. Prompts are encoded by the UMT5 encoder as the pipeline does (`WanPipeline.encode_prompt`: the
+embeddings of the prompt's tokens, zeros past them), per-token embeddings (B, L, D). A video of F frames at H x W
+pixels is one state x of shape (C, F', H/8, W/8) with F' = (F − 1)/4 + 1 latent frames (the VAE compresses time 4x,
+keeping the first frame), so the trajectory's latents are (B, T+1, C, F', H/8, W/8).
 
-Sampling is the flow SDE of `sample.sde` (`ddpo.core.math.samplers.FlowSDESampler`; `sample.eta` its noise level)
-on `FlowMatchEulerDiscreteScheduler`'s schedule with the pipeline's shift: the hub pipeline ships a
-UniPCMultistepScheduler on flow sigmas with `flow_shift` 3.0 (diffusers: 3.0 for 480p, 5.0 for 720p), a
-multistep ODE solver without a per-step Gaussian, so the SDE steps on the Euler schedule of the same shifted
-sigmas instead (as Flow-GRPO and DanceGRPO do: DanceGRPO's train_grpo_wan_2_1.py:277-279 shifts linspace(1, 0)
-by `--shift 3`). Classifier-free guidance is a batched call against `negative_prompt` ("" as Flow-GRPO's
-`compute_text_embeddings([""])`; the pipeline's own default is also ""), its unconditional branch detached in
-training as Flow-GRPO does.
+Sampling is the flow SDE of `sample.sde` (`ddpo.core.math.samplers.FlowSDESampler`; `sample.eta` its noise level) on
+`FlowMatchEulerDiscreteScheduler`'s schedule with the pipeline's shift: the hub pipeline ships a
+UniPCMultistepScheduler on flow sigmas with `flow_shift` 3.0 (diffusers: 3.0 for 480p, 5.0 for 720p), a multistep ODE
+solver without a per-step Gaussian, so the SDE steps on the Euler schedule of the same shifted sigmas instead (as
+DanceGRPO does: XueZeyue/DanceGRPO@15cc71d fastvideo/train_grpo_wan_2_1.py:277-279 shifts linspace(1, 0)
+by `--shift 3`, scripts/finetune/finetune_wan_2_1_grpo.sh:48). Classifier-free guidance is a batched call against
+`negative_prompt` ("" as Flow-GRPO's train_wan2_1.py `neg_prompt_embed = compute_text_embeddings([""], ...,
+max_sequence_length=512)`; the pipeline's own default is also ""), its unconditional branch detached in training as
+Flow-GRPO does.
 
 Videos decode to (B, 3, F, H, W) in [0, 1] (the latents un-normalised by the VAE's `latents_mean`/`latents_std`, as
 `WanPipeline.__call__` does). Image rewards score them frame by frame: the reward of a video is the mean of its
-frames' rewards (`ddpo.core.engine.rollout.score`; Flow-Factory's PickScore on videos, rewards/pick_score.py:86-115,
-averages every frame the same way). LoRA checkpoints are also written in diffusers' format:
-`WanPipeline.load_lora_weights(dir)`.
+frames' rewards (`ddpo.core.engine.rollout.score`; Flow-Factory's PickScore on videos,
+X-GenGroup/Flow-Factory@a0b2bc5 src/flow_factory/rewards/pick_score.py:86-115, averages every frame the same way).
+LoRA checkpoints are also written in diffusers' format: `WanPipeline.load_lora_weights(dir)`.
 
-Run defaults are Flow-GRPO's Wan 2.1 recipe (config/grpo.py `general_ocr_wan2_1`): 20 sampling steps (50 to
-evaluate), guidance 4.5, 33 frames at 240 x 416; the noise level is the flow SDE's 0.7.
+Run defaults are Flow-GRPO's Wan 2.1 recipe (yifan123/flow_grpo@31c71b9 config/grpo.py:35-42, `general_ocr_wan2_1`):
+20 sampling steps (50 to evaluate), guidance 4.5, 33 frames at 240 x 416; the noise level is the flow SDE's 0.7. Its
+training values there (KL beta 0.004, learning rate 1e-4, clip range 1e-3, lines 54-56) are the algorithm's to set
+(`--set algorithm.kl_beta=0.004 ...`), not the model's.
 """
 
 from __future__ import annotations
