@@ -178,3 +178,16 @@ def test_a_critic_reads_a_video_state_as_the_mean_of_its_frames_features():
     expected = pooled.reshape(2, FRAMES, -1).mean(dim=1)
     assert features.feature_dim == expected.shape[1]
     assert torch.allclose(features(VideoModel(), videos), expected)
+
+
+def test_ddpo_sample_writes_a_video_models_videos_as_a_gif_and_refuses_one_for_images(tiny_wan, forked_cli, tmp_path):
+    result = forked_cli.run("sample", "--model", "wan", "--set", f"model.pretrained={tiny_wan}",
+                            "--set", f"model.resolution={SIZE}", "--set", f"model.num_frames={FRAMES}",
+                            "--set", f"model.max_sequence_length={TOKENS}", "--set", "sample.num_steps=2",
+                            "--num", "2", "--prompt", "a cat", "--out", str(tmp_path / "cats.gif"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Image.open(tmp_path / "cats.gif") as animation:
+        assert animation.n_frames == FRAMES and animation.size == (2 * 66 + 2, 66 + 2)  # 2 videos side by side, 64 px cells
+    refused = forked_cli.run("sample", "--model", "digits", "--num", "2", "--out", str(tmp_path / "digits.gif"))
+    assert refused.returncode == 2 and "a GIF needs a video model" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "digits.gif").exists()
