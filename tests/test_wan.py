@@ -187,7 +187,7 @@ def test_ddpo_sample_writes_a_video_models_videos_as_a_gif_and_refuses_one_for_i
                             "--num", "2", "--prompt", "a cat", "--out", str(tmp_path / "cats.gif"))
     assert result.returncode == 0, result.stderr[-3000:]
     with Image.open(tmp_path / "cats.gif") as animation:
-        assert animation.n_frames == FRAMES and animation.size == (2 * 66 + 2, 66 + 2)  # 2 videos side by side, 64 px cells
+        assert animation.n_frames == FRAMES and animation.size == (2 * 66 + 2, 66 + 2)  # 2 videos in a row
     refused = forked_cli.run("sample", "--model", "digits", "--num", "2", "--out", str(tmp_path / "digits.gif"))
     assert refused.returncode == 2 and "a GIF needs a video model" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "digits.gif").exists()
