@@ -49,7 +49,9 @@ class Wan(DiffusersTextToImage):
     name = "wan"
     pipeline_class = "WanPipeline"
     denoiser_component = "transformer"
-    frozen_components = ("text_encoder", "vae")
+    frozen_components = ("text_encoder",)
+    """In the mixed-precision dtype; the VAE stays float32, as diffusers' Wan example and Flow-GRPO's
+    train_wan2_1.py (`pipeline.vae.to(accelerator.device, dtype=torch.float32)`) keep it."""
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     run_defaults = {
         "sample": {"num_steps": 20, "eta": 0.7, "guidance_scale": 4.5},
@@ -91,6 +93,7 @@ class Wan(DiffusersTextToImage):
         self.device = device
         for name in self.frozen_components:
             getattr(pipeline, name).requires_grad_(False).to(device, dtype)
+        pipeline.vae.requires_grad_(False).to(device, torch.float32)
         self.pipeline, self.vae = pipeline, pipeline.vae
         self.denoiser = pipeline.transformer.to(device, dtype if self.options.use_lora else torch.float32)
         self.take_components(pipeline)
