@@ -58,7 +58,7 @@ class Trajectory:
             the processes of a run.
         ref_log_probs: (B, T) float32, log-probabilities under a reference policy (algorithm extra).
         values: (B, T) float32, critic values V(x_t) at sampling time (algorithm extra).
-        features: (B, T+1, F) float32, per-state features, e.g. a critic's image embeddings (algorithm extra).
+        features: (B, T+1, E) float32, E features per state, e.g. a critic's image embeddings (algorithm extra).
         extras: other batch-first tensors (B, ...) keyed by name.
     """
 
@@ -270,7 +270,7 @@ Transitions.__doc__ = """One step of each trajectory of a batch, as the algorith
 Attributes:
     sample: (B, *S) x_t, the state the step leaves; next_sample: (B, *S) x_{t-1}, the action taken ((B, C, H, W)
         for images, (B, C, F, H, W) for videos).
-    features, next_features: (B, F) the per-state features of those two states.
+    features, next_features: (B, E) the per-state features of those two states.
     timesteps, prev_timesteps, log_probs, policy_steps, ref_log_probs, values: (B,) the step's entries.
     advantages: (B,) the sample's advantage, or its step's for per-step advantages.
     prompts, prompt_metadata (B entries), prompt_embeds (B, L, D), rewards, group_ids (B,), extras: per sample.
