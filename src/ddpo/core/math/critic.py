@@ -215,8 +215,8 @@ class CriticFeatures:
 
     @torch.no_grad()
     def __call__(self, model, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """Features (N, F) float32 of states (N, *S), decoded `chunk` at a time. A state that decodes to a video
-        (3, F, H, W) has the mean of its frames' features (as a video's reward is its frames' mean)."""
+        """Features (N, E) float32 of states (N, *S), decoded `chunk` at a time. A state that decodes to a video
+        (3, F, H, W) has the mean of its F frames' features (as a video's reward is its frames' mean)."""
         parts = []
         for start in range(0, states.shape[0], chunk):
             images = model.decode(states[start:start + chunk])
@@ -229,7 +229,7 @@ class CriticFeatures:
         return torch.cat(parts).to(states.device)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, F) float32 on the CPU for images (N, 3, H, W) in [0, 1]."""
+        """(N, E) float32 features on the CPU of images (N, 3, H, W) in [0, 1]."""
         if self.kind == "pixels":
             images = torch.nn.functional.interpolate(images, size=self.pixel_shape[1:], mode="area")
             return images.flatten(1).float().cpu()
