@@ -40,6 +40,15 @@ def wan_model(tiny_wan):
     return model
 
 
+def test_wan_refuses_frame_counts_and_sizes_its_vae_and_patches_cannot_take(tiny_wan):
+    from ddpo.core.configuration.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"model.num_frames=6 must be 4k \+ 1 \(e.g. 5\)"):
+        Wan(wan_options(tiny_wan, num_frames=6)).load(torch.device("cpu"), torch.float32)
+    with pytest.raises(UsageError, match=r"height x width = 40 x 40 must be multiples of 16"):
+        Wan(wan_options(tiny_wan, resolution=40)).load(torch.device("cpu"), torch.float32)
+
+
 def test_wan_samples_as_the_diffusers_pipeline_on_the_same_schedule(wan_model, tiny_wan):
     """With no step noise (eta 0) our sampler is the Euler ODE on FlowMatchEulerDiscreteScheduler's shifted
     sigmas: WanPipeline with that scheduler, the same initial latents, prompts, negative prompt and guidance gives
