@@ -111,7 +111,8 @@ def build_app() -> typer.Typer:
         typer.echo(resolved.to_yaml(), nl=False)
 
     @app.command()
-    def sample(out: Annotated[Path, typer.Option("--out", help="PNG file to write the image grid to.")],
+    def sample(out: Annotated[Path, typer.Option("--out", help="PNG file to write the image grid to (a video "
+                                                 "model's: film strips; or a .gif, the videos animated).")],
                model: ModelFlag = None, config: ConfigFlag = None, set_: SetFlag = None,
                checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint directory "
                                                                "RUN/checkpoints/epoch_NNNN.")] = None,
@@ -120,8 +121,8 @@ def build_app() -> typer.Typer:
                num: Annotated[int, typer.Option("--num", min=1, help="Number of images.")] = 16,
                seed: SeedFlag = None, device: DeviceFlag = None):
         """Sample images from a model (a checkpoint's fine-tuned weights, or the base model) into a grid PNG."""
-        if out.suffix.lower() != ".png":
-            raise UsageError(f"--out must be a .png file, got '{out}'")
+        if out.suffix.lower() not in (".png", ".gif"):
+            raise UsageError(f"--out must be a .png file (or .gif for a video model), got '{out}'")
         resolved = resolve_config(config, set_ or [], config_layer(model=model, seed=seed, device=device),
                                   base=checkpoint_config(checkpoint))
         check_output_file(out, "give --out a file in a directory you can write to")

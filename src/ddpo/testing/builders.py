@@ -476,4 +476,33 @@ def build_tiny_imagereward(directory: str | Path, seed: int = 0, image_size: int
                                                                     (16, 64), (1, 16))):
         state.update(_random_linear(generator, f"mlp.layers.{index}", out_features, in_features))
     torch.save(state, directory / "ImageReward.pt")
+
+
+def build_tiny_wan(directory: str | Path, seed: int = 0) -> Path:
+    """Save a WanPipeline (Wan2.1 text-to-video) with random weights to `directory`, in the hub layout of
+    Wan-AI/Wan2.1-T2V-1.3B-Diffusers: a one-layer WanTransformer3DModel, an AutoencoderKLWan (8x spatial, 4x
+    temporal compression, 16 latent channels, the hub's latent mean and std), a tiny UMT5 text encoder with a
+    character T5 tokenizer, and the hub's scheduler (UniPCMultistepScheduler on flow sigmas, flow_shift 3).
+    A video of F frames at H x W pixels has latents 16 x ((F - 1) / 4 + 1) x H/8 x W/8; frames must be multiples
+    of 16 pixels (8 x the transformer's 2x2 patches)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _character_t5_tokenizer(Path(scratch) / "t5")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                           scheduler=scheduler)
+    pipeline.save_pretrained(directory, safe_serialization=True)
     return directory

@@ -7,8 +7,10 @@ own: the training run's random streams are untouched, so its training
 metrics are the same with or without evaluation. The images are scored by the training reward and every eval
 reward; process 0's grid is saved as `eval/epoch_NNNN.png` and logged to TensorBoard as the image `eval/images`.
 TensorBoard images have no per-step caption, so the caption is the text `eval/captions` at the same step: a
-table of each grid cell's prompt and rewards, in the grid's order (row by row). With the base model's features
-(`Run.base_eval_features`, see ddpo.core.engine.monitors) it also measures `monitor/drift`.
+table of each grid cell's prompt and rewards, in the grid's order (row by row). Videos make one film-strip row
+each in those grids, and their animated grid is saved as `eval/epoch_NNNN.gif` and logged as `eval/videos`. With
+the base model's features (`Run.base_eval_features`, see ddpo.core.engine.monitors) it also measures
+`monitor/drift`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.images import animated_grid, make_grid, save_gif, save_png
+from ddpo.core.engine.logging import add_animation
 from ddpo.core.engine.monitors import drift, gather_features
 from ddpo.core.engine.rollout import RolloutEngine, sample_batch, score
 from ddpo.core.engine.run import Run, derive_seed
@@ -73,8 +76,13 @@ def evaluate_fixed_set(run: Run, writer=None) -> dict[str, float]:
     if run.is_main:
         grid = make_grid(images)
         save_png(grid, Path(run.run_dir) / EVAL_DIRECTORY / f"epoch_{run.epoch:04d}.png")
+        animation = animated_grid(images) if images.ndim == 5 else None
+        if animation is not None:
+            save_gif(animation, Path(run.run_dir) / EVAL_DIRECTORY / f"epoch_{run.epoch:04d}.gif")
         if writer is not None:
             writer.add_image("eval/images", grid, global_step=run.reward_queries)
+            if animation is not None:
+                add_animation(writer, "eval/videos", animation, run.reward_queries)
             writer.add_text("eval/captions", caption(prompts, scores), global_step=run.reward_queries)
     return scalars
 

@@ -46,8 +46,11 @@ class RunLogger:
             self.writer.file_writer.add_summary(summary)
 
     def log_epoch(self, epoch: int, reward_queries: int, scalars: dict[str, float],
-                  histograms: dict[str, torch.Tensor], grid: torch.Tensor | None = None) -> dict[str, Any]:
-        """Log one epoch at step = reward_queries; returns the JSON record written to metrics.jsonl."""
+                  histograms: dict[str, torch.Tensor], grid: torch.Tensor | None = None,
+                  animation: torch.Tensor | None = None) -> dict[str, Any]:
+        """Log one epoch at step = reward_queries (`grid` (3, H, W) as the image `samples`, a video model's
+        `animation` (F, 3, H, W) as the animated image `samples/video`); returns the JSON record written to
+        metrics.jsonl."""
         record: dict[str, Any] = {"epoch": epoch, "reward_queries": reward_queries}
         for tag, value in scalars.items():
             record[tag] = float(value)
@@ -56,6 +59,8 @@ class RunLogger:
             self.writer.add_histogram(tag, values.detach().float().cpu(), global_step=reward_queries)
         if grid is not None:
             self.writer.add_image("samples", grid, global_step=reward_queries)
+        if animation is not None:
+            add_animation(self.writer, "samples/video", animation, reward_queries)
         self.writer.flush()
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
@@ -63,6 +68,18 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def add_animation(writer: SummaryWriter, tag: str, frames: torch.Tensor, step: int) -> None:
+    """Log frames (F, 3, H, W) in [0, 1] as an animated GIF image: the summary `SummaryWriter.add_video` writes,
+    encoded with PIL instead of moviepy (TensorBoard shows it in the Images tab)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from ddpo.core.engine.images import gif_bytes
+
+    image = Summary.Image(height=frames.shape[2], width=frames.shape[3], colorspace=frames.shape[1],
+                          encoded_image_string=gif_bytes(frames))
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step)
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:

@@ -5,7 +5,7 @@ A policy that hacks its reward often collapses onto one image the reward likes (
 wanders far from what the pretrained model drew (drift grows while the reward climbs). Both are measured on
 cheap features that need no download: each image (in [0, 1]) average-pooled to `FEATURE_SIZE` x `FEATURE_SIZE`
 per channel, flattened. The distance of two images is the root mean square of their features' difference, in
-[0, 1] whatever the resolution.
+[0, 1] whatever the resolution (a video's features are its frames', so its distance is over all of them).
 
 - `monitor/diversity`: the mean distance over all pairs of the epoch's training samples (over all processes)
   that share a prompt; when no prompt repeats (every prompt differs), over all pairs of the batch. An
@@ -34,9 +34,12 @@ first, under the key "features"."""
 
 
 def image_features(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) images in [0, 1] -> (B, C * FEATURE_SIZE**2) float32 features on the CPU."""
-    pooled = torch.nn.functional.adaptive_avg_pool2d(images.detach().float().cpu(), FEATURE_SIZE)
-    return pooled.flatten(1)
+    """(B, C, H, W) images in [0, 1] -> (B, C * FEATURE_SIZE**2) float32 features on the CPU; videos (B, C, F, H, W)
+    -> (B, C * F * FEATURE_SIZE**2), every frame pooled so."""
+    images = images.detach().float().cpu()
+    if images.ndim == 5:
+        images = images.flatten(1, 2)
+    return torch.nn.functional.adaptive_avg_pool2d(images, FEATURE_SIZE).flatten(1)
 
 
 def distances(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

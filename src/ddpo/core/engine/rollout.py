@@ -36,7 +36,8 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
     accumulate there (`ddpo.core.engine.onpolicy`); the samples drawn are the same.
 
     Returns:
-        The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1].
+        The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1]
+        (videos: (B, 3, F, H, W)).
     """
     batch_size = len(prompts)
     if batch_size % group_size:
@@ -86,7 +87,17 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
 
 
 def score(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-    """Call a reward plugin and check its answer: (B,) finite float32 on the CPU."""
+    """Call a reward plugin and check its answer: (B,) finite float32 on the CPU.
+
+    `images` (B, 3, H, W) are scored as they are. Videos (B, 3, F, H, W) are scored frame by frame: the reward sees
+    the B x F frames (B, 3, H, W)-shaped, video-major, each with its video's prompt and metadata, in one call, and a
+    video's reward is the mean of its frames' (as Flow-Factory scores videos with image rewards)."""
+    if images.ndim == 5:
+        frames = images.shape[2]
+        frame_prompts = [prompt for prompt in prompts for _ in range(frames)]
+        frame_metadata = [entry for entry in metadata for _ in range(frames)]
+        per_frame = score(reward, images.transpose(1, 2).flatten(0, 1), frame_prompts, frame_metadata)
+        return per_frame.reshape(len(prompts), frames).mean(dim=1)
     with torch.no_grad():
         values = reward(images, prompts, metadata)
     values = torch.as_tensor(values, dtype=torch.float32).detach().cpu()

@@ -1,4 +1,5 @@
-"""`ddpo sample`: draw images from a model, base or fine-tuned, into one grid PNG."""
+"""`ddpo sample`: draw images from a model, base or fine-tuned, into one grid PNG (a video model's: film strips, or
+an animated GIF)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from ddpo.core.configuration.config import RunConfig
 from ddpo.core.configuration.errors import UsageError
-from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.images import animated_grid, make_grid, save_gif, save_png
 from ddpo.core.engine.rollout import sample_batch
 from ddpo.core.plugin_api.registry import get_registry
 
@@ -32,7 +33,8 @@ def pick_device(config: RunConfig) -> torch.device:
 
 def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, prompts: list[str] = (),
                 count: int = 16) -> Path:
-    """Sample `count` images with the config's model and sampler settings and write them as a grid to `out`.
+    """Sample `count` images with the config's model and sampler settings and write them as a grid to `out`: a PNG,
+    or for a video model a PNG of film strips or (`out` a .gif) the videos as one animated grid.
 
     With `checkpoint`, the trained weights of that checkpoint are loaded over the base model. Prompts cycle
     through `prompts`, or are drawn from the config's prompt set.
@@ -40,6 +42,10 @@ def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, pr
     registry = get_registry()
     model = registry.get("models", config.model.name)(config.model.options())
     model.load(pick_device(config), torch.float32)
+    animated = Path(out).suffix.lower() == ".gif"
+    if animated and len(model.sample_shape()) != 4:
+        raise UsageError(f"--out {Path(out).name}: a GIF needs a video model, and model '{config.model.name}' makes "
+                         "images; write a .png")
     model.use_sde(config.sample.sde)
     if checkpoint is not None:
         model.configure_training()
@@ -58,4 +64,6 @@ def sample_grid(config: RunConfig, out: Path, checkpoint: Path | None = None, pr
                                        num_steps=config.sample.num_steps, eta=config.sample.eta,
                                        guidance_scale=config.sample.guidance_scale, generator=generator)
         images.append(batch_images.cpu())
+    if animated:
+        return save_gif(animated_grid(torch.cat(images)), out)
     return save_png(make_grid(torch.cat(images)), out)

@@ -28,7 +28,7 @@ from ddpo.core.engine.distributed import make_accelerator
 from ddpo.core.engine.ema import WeightAverage
 from ddpo.core.engine.evaluation import EVAL_DIRECTORY, evaluate, evaluate_fixed_set
 from ddpo.core.engine.guards import InterruptibleProgress, RunGuard, RunInterrupted, stop_cleanly
-from ddpo.core.engine.images import make_grid, save_png
+from ddpo.core.engine.images import animated_grid, make_grid, save_gif, save_png
 from ddpo.core.engine.logging import RunLogger, truncate_metrics
 from ddpo.core.engine.monitors import base_features, epoch_diversity
 from ddpo.core.engine.multireward import combine_epoch_rewards
@@ -45,6 +45,7 @@ from ddpo.core.plugin_api.model import Model
 from ddpo.core.plugin_api.registry import get_plugin_manager, get_registry
 
 GRID_IMAGES = 64
+GRID_VIDEOS = 8
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -249,8 +250,9 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
 
 def _log_epoch(run: Run, logger: RunLogger | None, scalars: dict, started: float,
                images: torch.Tensor) -> tuple[dict, Path | None]:
-    """Add the epoch's performance figures to its scalars and log them with its image grid (main process); returns
-    the record and the grid's path."""
+    """Add the epoch's performance figures to its scalars and log them with its image grid (main process; videos
+    (B, 3, F, H, W): the film strips of the first `GRID_VIDEOS` and their animated GIF too); returns the record and
+    the grid's path."""
     rewards = run.gathered_rewards
     seconds = time.perf_counter() - started
     scalars.update({"perf/epoch_seconds": seconds, "perf/samples_per_second": len(rewards) / seconds,
@@ -259,7 +261,13 @@ def _log_epoch(run: Run, logger: RunLogger | None, scalars: dict, started: float
 
     record, grid_path = {"epoch": run.epoch, "reward_queries": run.reward_queries, **scalars}, None
     if logger is not None:
-        grid = make_grid(images[:GRID_IMAGES])
+        videos = images.ndim == 5
+        shown = images[:GRID_VIDEOS if videos else GRID_IMAGES]
+        grid = make_grid(shown)
         grid_path = save_png(grid, run.run_dir / "samples" / f"epoch_{run.epoch:04d}.png")
-        record = logger.log_epoch(run.epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid)
+        animation = animated_grid(shown) if videos else None
+        if animation is not None:
+            save_gif(animation, run.run_dir / "samples" / f"epoch_{run.epoch:04d}.gif")
+        record = logger.log_epoch(run.epoch, run.reward_queries, scalars, {"reward/distribution": rewards}, grid,
+                                  animation)
     return record, grid_path

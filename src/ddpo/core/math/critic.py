@@ -215,13 +215,22 @@ class CriticFeatures:
 
     @torch.no_grad()
     def __call__(self, model, states: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """Features (N, F) float32 of states (N, C, H, W), decoded `chunk` at a time."""
+        """Features (N, E) float32 of states (N, *S), decoded `chunk` at a time. A state that decodes to a video
+        (3, F, H, W) has the mean of its F frames' features (as a video's reward is its frames' mean)."""
         parts = []
         for start in range(0, states.shape[0], chunk):
             images = model.decode(states[start:start + chunk])
-            if self.kind == "pixels":
-                images = torch.nn.functional.interpolate(images, size=self.pixel_shape[1:], mode="area")
-                parts.append(images.flatten(1).float().cpu())
+            if images.ndim == 5:
+                frames = images.shape[2]
+                features = self._image_features(images.transpose(1, 2).flatten(0, 1))
+                parts.append(features.reshape(-1, frames, features.shape[1]).mean(dim=1))
             else:
-                parts.append(self.embed(images).float().cpu())
+                parts.append(self._image_features(images))
         return torch.cat(parts).to(states.device)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, E) float32 features on the CPU of images (N, 3, H, W) in [0, 1]."""
+        if self.kind == "pixels":
+            images = torch.nn.functional.interpolate(images, size=self.pixel_shape[1:], mode="area")
+            return images.flatten(1).float().cpu()
+        return self.embed(images).float().cpu()

@@ -85,7 +85,7 @@ class Model(Plugin):
         raise NotImplementedError(f"model '{self.name}' does not implement load")
 
     def sample_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one state x_t in the model's space."""
+        """The shape S of one state x_t in the model's space: (C, H, W) for images, (C, F, H, W) for videos."""
         raise NotImplementedError(f"model '{self.name}' does not implement sample_shape")
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor | None:
@@ -94,12 +94,13 @@ class Model(Plugin):
 
     def predict_noise(self, sample: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor | None,
                       guidance_scale: float) -> torch.Tensor:
-        """(B, C, H, W) float32 model output for x_t (B, C, H, W) at timesteps (B,), guided if the model is
+        """(B, *S) float32 model output for x_t (B, *S) (e.g. (B, C, H, W)) at timesteps (B,), guided if the model is
         conditional and guidance_scale > 1 (unconditional and conditional halves in one batched call)."""
         raise NotImplementedError(f"model '{self.name}' does not implement predict_noise")
 
     def decode(self, sample: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) float32 in [0, 1] from final states x_0 (B, C, H, W)."""
+        """Images (B, 3, H, W) float32 in [0, 1] from final states x_0 (B, *S); a video model's videos
+        (B, 3, F, H, W), which rewards score frame by frame (`ddpo.core.engine.rollout.score`)."""
         raise NotImplementedError(f"model '{self.name}' does not implement decode")
 
     def export_weights(self, directory: Path) -> None:
@@ -142,7 +143,7 @@ class Model(Plugin):
         return self.sampler.set_timesteps(num_steps, self.device)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """x_T for `batch_size` samples: (B, C, H, W) standard normal scaled by the sampler's initial sigma."""
+        """x_T for `batch_size` samples: (B, *S) standard normal scaled by the sampler's initial sigma."""
         import torch
 
         noise = torch.randn((batch_size, *self.sample_shape()), generator=generator, dtype=torch.float32)
@@ -159,7 +160,7 @@ class Model(Plugin):
         """Log-probability (B,) of each transition's action under the current weights, with gradient; inside
         `reference()`, under the pretrained model. Uses only what the trajectory recorded for the step.
 
-        Returns `(log_prob, mean, std, model_output)`: (B,), (B, C, H, W), (B|1, 1, 1, 1), (B, C, H, W).
+        Returns `(log_prob, mean, std, model_output)`: (B,), (B, *S), (B|1, 1, ..., 1), (B, *S).
         """
         if transitions.prev_timesteps is None:
             raise ValueError("the transitions carry no prev_timesteps; sample trajectories with "

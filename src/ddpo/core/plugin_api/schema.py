@@ -1,8 +1,9 @@
 """The typed batch of trajectories that flows from the rollout engine to the algorithms.
 
-Shapes use B for the batch, T for the number of denoising steps of the schedule, (C, H, W) for one state in the
-model's space (latents for Stable Diffusion, pixels for pixel-space DDPMs), L and D for the prompt
-embedding's sequence length and width.
+Shapes use B for the batch, T for the number of denoising steps of the schedule, S for the shape of one state in
+the model's space — (C, H, W) for images (latents for Stable Diffusion, pixels for pixel-space DDPMs), (C, F, H, W)
+for videos (Wan: F latent frames) — and L and D for the prompt embedding's sequence length and width. Nothing here
+depends on S's rank: per-step log-probabilities and KLs are means over all of a state's elements, shape (B,).
 
 Every field of `Trajectory` declares what it is indexed by (a state, a step, or a sample); `Transitions`, the
 one-step slices the algorithms train on, is built from those declarations, so a new field is one edit here.
@@ -36,7 +37,8 @@ class Trajectory:
     Step k goes from `latents[:, k]` (x_t at `timesteps[:, k]`) to `latents[:, k + 1]` (at `prev_timesteps[:, k]`).
 
     Attributes:
-        latents: (B, T+1, C, H, W) float32, every state of the chain, x_T first, x_0 last.
+        latents: (B, T+1, *S) float32, every state of the chain, x_T first, x_0 last: (B, T+1, C, H, W) for images,
+            (B, T+1, C, F, H, W) for videos.
         timesteps: (B, T), the model's time input at each step: int64 for DDIM/DDPM, float32 (sigma x
             num_train_timesteps) for flow matching.
         log_probs: (B, T) float32, log-probability of each step's outcome under the sampling policy
@@ -56,7 +58,7 @@ class Trajectory:
             the processes of a run.
         ref_log_probs: (B, T) float32, log-probabilities under a reference policy (algorithm extra).
         values: (B, T) float32, critic values V(x_t) at sampling time (algorithm extra).
-        features: (B, T+1, F) float32, per-state features, e.g. a critic's image embeddings (algorithm extra).
+        features: (B, T+1, E) float32, E features per state, e.g. a critic's image embeddings (algorithm extra).
         extras: other batch-first tensors (B, ...) keyed by name.
     """
 
@@ -90,7 +92,8 @@ class Trajectory:
     def validate(self) -> None:
         """Check every shape against `latents`; the error names the field and both shapes."""
         if self.latents.ndim < 3:
-            raise ValueError(f"latents must be (B, T+1, ...), got shape {tuple(self.latents.shape)}")
+            raise ValueError("Trajectory.latents must be (B, T+1, *S), e.g. (B, T+1, C, H, W) or "
+                             f"(B, T+1, C, F, H, W), got shape {tuple(self.latents.shape)}")
         batch, states = self.latents.shape[:2]
         for item in fields(self):
             value = getattr(self, item.name)
@@ -265,8 +268,9 @@ Transitions.__doc__ = """One step of each trajectory of a batch, as the algorith
 `Trajectory` at the step each sample takes (B first; None where the trajectory has none).
 
 Attributes:
-    sample: (B, C, H, W) x_t, the state the step leaves; next_sample: (B, C, H, W) x_{t-1}, the action taken.
-    features, next_features: (B, F) the per-state features of those two states.
+    sample: (B, *S) x_t, the state the step leaves; next_sample: (B, *S) x_{t-1}, the action taken ((B, C, H, W)
+        for images, (B, C, F, H, W) for videos).
+    features, next_features: (B, E) the per-state features of those two states.
     timesteps, prev_timesteps, log_probs, policy_steps, ref_log_probs, values: (B,) the step's entries.
     advantages: (B,) the sample's advantage, or its step's for per-step advantages.
     prompts, prompt_metadata (B entries), prompt_embeds (B, L, D), rewards, group_ids (B,), extras: per sample.
