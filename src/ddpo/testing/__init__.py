@@ -1,9 +1,9 @@
 """Test helpers shipped for plugin authors (and used by ddpo's own tests).
 
 - `build_tiny_sd(directory)` / `build_tiny_sdxl(directory)` / `build_tiny_sd3(directory)` /
-  `build_tiny_ddpm(directory)` save tiny random-weight pipelines in diffusers'
+  `build_tiny_flux(directory)` / `build_tiny_ddpm(directory)` save tiny random-weight pipelines in diffusers'
   directory layout (tokenizers included), loadable offline through the normal `from_pretrained` path:
-  `ddpo run --model sd14 --set model.pretrained=DIR` (or `--model sdxl`, `sd3`).
+  `ddpo run --model sd14 --set model.pretrained=DIR` (or `--model sdxl`, `sd3`, `flux`).
 - `build_tiny_clip(directory)`, `build_tiny_llava(directory)`, `build_tiny_owlv2(directory)`,
   `build_tiny_qwen2_vl(directory)` and `build_tiny_text_encoder(directory)` save tiny random CLIP (with
   processor), LLaVA (with processor), OWLv2 detector (with processor), Qwen2-VL (with tokenizer, chat template
@@ -13,11 +13,11 @@
   exercise a plugin the way the trainer does and raise AssertionError naming what breaks the contract.
 """
 
-from ddpo.testing.builders import (build_tiny_clip, build_tiny_ddpm, build_tiny_llava,
+from ddpo.testing.builders import (build_tiny_clip, build_tiny_ddpm, build_tiny_flux, build_tiny_llava,
                                    build_tiny_owlv2, build_tiny_qwen2_vl, build_tiny_sd, build_tiny_sd3,
                                    build_tiny_sdxl, build_tiny_text_encoder)
 from ddpo.testing.contracts import check_model, check_prompt_set, check_reward
 
-__all__ = ["build_tiny_clip", "build_tiny_ddpm", "build_tiny_llava", "build_tiny_owlv2",
+__all__ = ["build_tiny_clip", "build_tiny_ddpm", "build_tiny_flux", "build_tiny_llava", "build_tiny_owlv2",
            "build_tiny_qwen2_vl", "build_tiny_sd", "build_tiny_sd3", "build_tiny_sdxl", "build_tiny_text_encoder",
            "check_model", "check_prompt_set", "check_reward"]

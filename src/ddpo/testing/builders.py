@@ -298,6 +298,40 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, image_size: int = 32) 
     return directory
 
 
+def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32, guidance_embeds: bool = True) -> Path:
+    """Save a FluxPipeline with random weights to `directory` (the hub layout of FLUX.1: transformer, vae,
+    text_encoder (CLIP, its pooled output) and text_encoder_2 (T5) with their tokenizers, and FLUX.1-dev's
+    scheduler config: dynamic shifting by the image sequence length). The transformer has one double- and one
+    single-stream block and, with `guidance_embeds` (dev; false: schnell), a guidance embedding. Images are
+    `image_size` pixels, latents 4 x image_size/2 x image_size/2, packed as (image_size/4)^2 tokens of 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    directory = Path(directory)
+    tokenizer = _character_clip_tokenizer(model_max_length=16)
+    with tempfile.TemporaryDirectory() as scratch:
+        t5_tokenizer = _character_t5_tokenizer(Path(scratch))
+    torch.manual_seed(seed)
+    text_encoder = _tiny_clip_text_encoder(tokenizer, with_projection=False)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id))
+    latent_channels = 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 2, 2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline = FluxPipeline(
+        scheduler=scheduler, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
+        vae=_tiny_vae(image_size, latent_channels, use_quant_conv=False, use_post_quant_conv=False,
+                      shift_factor=0.1159, scaling_factor=0.3611))
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def build_tiny_owlv2(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
     """Save a random `Owlv2ForObjectDetection` (about 50k parameters, 8-pixel patches: (image_size / 8)^2 boxes per
     image) with its `Owlv2Processor` (character tokenizer, image processor at `image_size`) to `directory`, loadable
