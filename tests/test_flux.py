@@ -4,10 +4,12 @@ shifted by mu, the guidance embedding, T5 and pooled CLIP embeddings, latent ima
 level 0, its trajectories recompute to ratio one, and the LoRA a `ddpo run --algo grpo` trains loads into the
 vanilla pipeline with `load_lora_weights` and samples as ours does."""
 
+import pytest
 import torch
 
 from ddpo.core.engine.rollout import sample_batch
 from ddpo.plugins.models.flux import Flux, latent_image_ids, pack_latents, unpack_latents
+from helpers import lora_b_norm
 
 PROMPTS = ["a cat", "a dog"]
 OPTIONS = {"resolution": 32, "max_sequence_length": 16, "lora_rank": 4}
@@ -95,3 +97,21 @@ def test_grpo_on_flux_trains_a_lora_the_vanilla_pipeline_loads(tiny_flux, forked
     pipeline.load_lora_weights(checkpoint / "lora")
     assert not torch.allclose(base, trained, atol=1e-4)  # training moved the adapters
     assert torch.allclose(vanilla_samples(pipeline, noise), trained, atol=1e-5)  # alpha / rank included
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ddpo-is", "rwr", "dpok", "d3po", "tdpo-r"])
+def test_other_algorithms_train_fluxs_lora_for_two_epochs(algorithm, tiny_flux, forked_cli, tmp_path):
+    """Algorithms other than grpo (the fast test above) on the flow SDE, with FLUX's guidance embedding in place of
+    guidance: two epochs of the tiny FLUX with LoRA, and the checkpoint's adapters have moved from zero."""
+    extra = ["--set", "algorithm.critic_features=pixels"] if algorithm == "tdpo-r" else []
+    result = forked_cli.run("run", "--algo", algorithm, "--model", "flux", "--reward", "compressibility",
+                            "--set", f"model.pretrained={tiny_flux}", "--set", "model.resolution=32",
+                            "--set", "model.max_sequence_length=16", "--set", "model.lora_rank=4",
+                            "--set", "sample.num_steps=3", "--set", "sample.batch_size=4",
+                            "--set", "sample.batches_per_epoch=1", "--set", "train.batch_size=4",
+                            "--set", "train.grad_accum=1", "--set", "eval.num_steps=2", *extra, "--epochs", "2",
+                            "--logdir", str(tmp_path), "--run-name", algorithm)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((tmp_path / algorithm / "metrics.jsonl").read_text().splitlines()) == 2
+    assert lora_b_norm(tmp_path / algorithm / "checkpoints" / "epoch_0002") > 0

@@ -9,6 +9,7 @@ import torch
 
 from ddpo.core.engine.rollout import sample_batch
 from ddpo.plugins.models.sdxl import StableDiffusionXL
+from helpers import lora_b_norm
 
 PROMPTS = ["a cat", "a dog"]
 
@@ -99,3 +100,20 @@ def test_sdxl_refuses_a_resolution_its_unet_cannot_halve(tiny_sdxl):
     model = StableDiffusionXL({"pretrained": str(tiny_sdxl), "resolution": 30})  # VAE x2, one UNet downsampling
     with pytest.raises(UsageError, match="multiple of 4"):
         model.load(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ddpo-sf", "rwr", "dpok", "d3po", "tdpo-r", "grpo"])
+def test_every_algorithm_trains_sdxls_lora_for_two_epochs(algorithm, tiny_sdxl, forked_cli, tmp_path):
+    """Each algorithm (ddpo-is is the fast test above) runs two epochs of the tiny SDXL with LoRA and its
+    checkpoint's adapters have moved from their zero initialisation."""
+    extra = {"tdpo-r": ["--set", "algorithm.critic_features=pixels"],
+             "grpo": ["--set", "algorithm.group_size=4"]}.get(algorithm, [])
+    result = forked_cli.run("run", "--algo", algorithm, "--model", "sdxl", "--reward", "compressibility",
+                            "--set", f"model.pretrained={tiny_sdxl}", "--set", "sample.num_steps=3",
+                            "--set", "sample.batch_size=4", "--set", "sample.batches_per_epoch=1",
+                            "--set", "train.batch_size=4", "--set", "train.grad_accum=1", *extra, "--epochs", "2",
+                            "--logdir", str(tmp_path), "--run-name", algorithm)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((tmp_path / algorithm / "metrics.jsonl").read_text().splitlines()) == 2
+    assert lora_b_norm(tmp_path / algorithm / "checkpoints" / "epoch_0002") > 0
