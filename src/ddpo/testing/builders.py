@@ -298,7 +298,8 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, image_size: int = 32) 
     return directory
 
 
-def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32, guidance_embeds: bool = True) -> Path:
+def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32,
+                    guidance_embeds: bool = True) -> Path:
     """Save a FluxPipeline with random weights to `directory` (the hub layout of FLUX.1: transformer, vae,
     text_encoder (CLIP, its pooled output) and text_encoder_2 (T5) with their tokenizers, and FLUX.1-dev's
     scheduler config: dynamic shifting by the image sequence length). The transformer has one double- and one

@@ -24,6 +24,11 @@ image's sequence length between the scheduler config's (base_image_seq_len, base
 (max_image_seq_len, max_shift) — 0.5 at 256 tokens, 1.15 at 4096 for FLUX.1-dev (a 1024 px image has 4096).
 Run defaults: 10 sampling steps to train and 28 (the pipeline's default) to evaluate, noise level 0.7, guidance
 3.5. LoRA checkpoints are also written in diffusers' format: `FluxPipeline.load_lora_weights(dir)`.
+
+FLUX.1 has no paper (Black Forest Labs, 2024); the facts are diffusers 0.42's `pipelines/flux/pipeline_flux.py`:
+`calculate_shift` (:73-83), CLIP's pooled output (:303), T5's 512 tokens (:320), default size 128 x the VAE factor
+(:215), 28 steps and guidance 3.5 (:611-613), packing and image ids (:508-530), the schedule (:823-827), the
+guidance input (:848) and the transformer's timestep in units of 1000 (:903).
 """
 
 from __future__ import annotations

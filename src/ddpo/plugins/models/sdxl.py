@@ -1,5 +1,8 @@
-"""Stable Diffusion XL (default `stabilityai/stable-diffusion-xl-base-1.0`), loaded with diffusers'
-`StableDiffusionXLPipeline`.
+"""Stable Diffusion XL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis", arXiv:2307.01952; default `stabilityai/stable-diffusion-xl-base-1.0`), loaded with diffusers'
+`StableDiffusionXLPipeline`. Facts from diffusers 0.42 `pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`:
+penultimate hidden states and the pooled projection (:411-414), zeroed unconditional embeddings (:424), default
+time ids (:1035-1036, crop (0, 0) :853), the VAE's fp16 upcast (:1264).
 
 SDXL conditions its UNet on two text encoders — CLIP ViT-L and OpenCLIP ViT-bigG with a projection — whose
 penultimate hidden states are concatenated per token (B, L, 768 + 1280), and, through its `addition_embed_type`
