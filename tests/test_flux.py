@@ -76,6 +76,21 @@ def test_flux_samples_as_the_vanilla_pipeline_and_recomputes_to_ratio_one(tiny_f
             assert torch.equal(log_prob, transitions.log_probs)
 
 
+def test_flux_schnell_has_no_guidance_input_nor_shift_and_samples_as_the_vanilla_pipeline(tmp_path):
+    from diffusers import FluxPipeline
+
+    from ddpo.testing import build_tiny_flux
+
+    directory = build_tiny_flux(tmp_path / "schnell", schnell=True)
+    model = load_flux(directory)
+    assert model.sampler.mu is None
+    assert model.set_timesteps(4)[0].tolist() == [1000, 750, 500, 250]  # linspace(1, 1/n, n), unshifted
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = deterministic_samples(model, noise)
+    assert torch.equal(ours, deterministic_samples(model, noise, guidance_scale=1.0))
+    assert torch.allclose(ours, vanilla_samples(FluxPipeline.from_pretrained(directory), noise), atol=1e-5)
+
+
 def test_grpo_on_flux_trains_a_lora_the_vanilla_pipeline_loads(tiny_flux, forked_cli, tmp_path):
     from diffusers import FluxPipeline
 

@@ -298,13 +298,13 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, image_size: int = 32) 
     return directory
 
 
-def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32,
-                    guidance_embeds: bool = True) -> Path:
+def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32, schnell: bool = False) -> Path:
     """Save a FluxPipeline with random weights to `directory` (the hub layout of FLUX.1: transformer, vae,
-    text_encoder (CLIP, its pooled output) and text_encoder_2 (T5) with their tokenizers, and FLUX.1-dev's
-    scheduler config: dynamic shifting by the image sequence length). The transformer has one double- and one
-    single-stream block and, with `guidance_embeds` (dev; false: schnell), a guidance embedding. Images are
-    `image_size` pixels, latents 4 x image_size/2 x image_size/2, packed as (image_size/4)^2 tokens of 16."""
+    text_encoder (CLIP, its pooled output) and text_encoder_2 (T5) with their tokenizers, and a scheduler config).
+    The transformer has one double- and one single-stream block. FLUX.1-dev's layout by default: a guidance
+    embedding and the schedule shifted by the image sequence length (dynamic shifting); `schnell`: neither (no
+    guidance input, shift 1). Images are `image_size` pixels, latents 4 x image_size/2 x image_size/2, packed as
+    (image_size/4)^2 tokens of 16."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -320,10 +320,11 @@ def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32,
     latent_channels = 4
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell,
         axes_dims_rope=(4, 2, 2))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=1.0) if schnell else FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096))
     pipeline = FluxPipeline(
         scheduler=scheduler, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
