@@ -1,4 +1,4 @@
-"""The base of diffusers text-to-image models (SD 1.x/2.x, SD3): what they share — loading the pipeline with the
+"""The base of diffusers text-to-image models (SD 1.x/2.x, SDXL, SD3, FLUX): what they share — loading the pipeline with the
 text encoders and the VAE frozen, the image resolution, decoding, and the LoRA export in diffusers' format — so that
 a model plugin states only its differences: its pipeline class, its denoiser, its sampler, how it encodes prompts
 and how it predicts. Importing this module does not import torch.
@@ -25,8 +25,8 @@ class TextToImageOptions(ModelOptions):
     """Options every diffusers text-to-image model has."""
 
     resolution: int | None = pydantic.Field(None, ge=8)
-    """Image size in pixels; default: the denoiser's sample size x the VAE factor (512 for SD 1.4, 1024 for
-    SD3.5-M)."""
+    """Image size in pixels; default: the model's native size, the denoiser's sample size x the VAE factor (512 for
+    SD 1.4, 1024 for SDXL and SD3.5-M; FLUX: the pipeline's 1024)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load."""
     variant: str | None = None
