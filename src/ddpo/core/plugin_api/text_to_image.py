@@ -1,7 +1,7 @@
-"""The base of diffusers text-to-image models (SD 1.x/2.x, SDXL, SD3, FLUX): what they share — loading the pipeline with the
-text encoders and the VAE frozen, the image resolution, decoding, and the LoRA export in diffusers' format — so that
-a model plugin states only its differences: its pipeline class, its denoiser, its sampler, how it encodes prompts
-and how it predicts. Importing this module does not import torch.
+"""The base of diffusers text-to-image models (SD 1.x/2.x, SDXL, SD3, FLUX): what they share — loading the pipeline
+with the text encoders and the VAE frozen, the image resolution, decoding, and the LoRA export in diffusers' format —
+so that a model plugin states only its differences: its pipeline class, its denoiser, its sampler, how it encodes
+prompts and how it predicts. Importing this module does not import torch.
 """
 
 from __future__ import annotations
