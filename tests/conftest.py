@@ -17,7 +17,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, for t
 
 import pytest  # noqa: E402
 
-from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_sd, build_tiny_sd3  # noqa: E402
+from ddpo.testing import build_tiny_clip, build_tiny_ddpm, build_tiny_flux, build_tiny_sd, build_tiny_sd3, \
+    build_tiny_sdxl  # noqa: E402
 from forked_cli import CliServer  # noqa: E402
 from helpers import SHUFFLED_REWARDS_PLUGIN, make_distribution  # noqa: E402
 
@@ -30,6 +31,16 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="session")

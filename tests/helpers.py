@@ -212,3 +212,11 @@ def velocity_inputs(seed: int = 0):
 
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+
+
+def lora_b_norm(checkpoint):
+    """The summed absolute value of the LoRA up-projections (B, zero at initialisation) in a checkpoint."""
+    from safetensors.torch import load_file
+
+    return sum(float(value.abs().sum()) for key, value in load_file(checkpoint / "weights.safetensors").items()
+               if "lora_B" in key)

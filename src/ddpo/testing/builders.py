@@ -242,6 +242,98 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0, image_size: int = 32, w
     return directory
 
 
+def _tiny_vae(image_size: int, latent_channels: int, **config):
+    """A two-level AutoencoderKL (factor 2) with random weights; `config`: scaling, shift, quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=latent_channels,
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=image_size, **config)
+
+
+def _tiny_clip_text_encoder(tokenizer, with_projection: bool):
+    """A two-layer CLIP text encoder (width 32) over `tokenizer`'s vocabulary, with a 32-wide projection or not."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu",
+        bos_token_id=tokenizer.convert_tokens_to_ids(START), eos_token_id=tokenizer.convert_tokens_to_ids(END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(END))
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def build_tiny_sdxl(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Save a StableDiffusionXLPipeline with random weights to `directory` (the hub layout of SDXL base: unet, vae,
+    text_encoder (CLIP) and text_encoder_2 (CLIP with projection) with their tokenizers, and SDXL base's Euler
+    scheduler config). The UNet has SDXL's `addition_embed_type="text_time"`: it reads the pooled projection (32)
+    and six time ids (8 channels each). Images are `image_size` pixels, latents 4 x image_size/2 x image_size/2."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    directory = Path(directory)
+    tokenizer = _character_clip_tokenizer(model_max_length=16)
+    torch.manual_seed(seed)
+    text_encoder = _tiny_clip_text_encoder(tokenizer, with_projection=False)
+    text_encoder_2 = _tiny_clip_text_encoder(tokenizer, with_projection=True)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim)
+    # SDXL base's scheduler config (an Euler scheduler on SD's betas), which the model plugin turns into DDIM
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+    pipeline = StableDiffusionXLPipeline(
+        vae=_tiny_vae(image_size, 4, scaling_factor=0.13025), text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    # the hub file also holds DDIM's settings, which DDIMScheduler.from_config reads (its defaults differ)
+    config_path = directory / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0, skip_prk_steps=True)
+    config_path.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def build_tiny_flux(directory: str | Path, seed: int = 0, image_size: int = 32, schnell: bool = False) -> Path:
+    """Save a FluxPipeline with random weights to `directory` (the hub layout of FLUX.1: transformer, vae,
+    text_encoder (CLIP, its pooled output) and text_encoder_2 (T5) with their tokenizers, and a scheduler config).
+    The transformer has one double- and one single-stream block. FLUX.1-dev's layout by default: a guidance
+    embedding and the schedule shifted by the image sequence length (dynamic shifting); `schnell`: neither (no
+    guidance input, shift 1). Images are `image_size` pixels, latents 4 x image_size/2 x image_size/2, packed as
+    (image_size/4)^2 tokens of 16."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    directory = Path(directory)
+    tokenizer = _character_clip_tokenizer(model_max_length=16)
+    with tempfile.TemporaryDirectory() as scratch:
+        t5_tokenizer = _character_t5_tokenizer(Path(scratch))
+    torch.manual_seed(seed)
+    text_encoder = _tiny_clip_text_encoder(tokenizer, with_projection=False)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id))
+    latent_channels = 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=latent_channels * 4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=not schnell,
+        axes_dims_rope=(4, 2, 2))
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=1.0) if schnell else FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096))
+    pipeline = FluxPipeline(
+        scheduler=scheduler, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
+        vae=_tiny_vae(image_size, latent_channels, use_quant_conv=False, use_post_quant_conv=False,
+                      shift_factor=0.1159, scaling_factor=0.3611))
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def build_tiny_owlv2(directory: str | Path, seed: int = 0, image_size: int = 32) -> Path:
     """Save a random `Owlv2ForObjectDetection` (about 50k parameters, 8-pixel patches: (image_size / 8)^2 boxes per
     image) with its `Owlv2Processor` (character tokenizer, image processor at `image_size`) to `directory`, loadable

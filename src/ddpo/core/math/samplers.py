@@ -11,6 +11,7 @@ for the regression losses (RWR).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ddpo.core.math.logprob import (
@@ -136,6 +137,28 @@ class FlowSDESampler(Sampler):
         shaped = sigma.reshape(-1, *([1] * (original.ndim - 1)))
         noisy = (1 - shaped) * original + shaped * noise
         return noisy, sigma * self.scheduler.config.num_train_timesteps, noise - original
+
+
+
+class FluxSampler(FlowSDESampler):
+    """The flow SDE on FluxPipeline's schedule: sigmas linspace(1, 1/n, n), shifted by `mu` (the image sequence
+    length's) when the scheduler shifts dynamically (FLUX.1-dev), by its fixed `shift` otherwise (schnell)."""
+
+    def __init__(self, scheduler, image_seq_len: int):
+        super().__init__(scheduler)
+        config = scheduler.config
+        self.mu = None
+        if config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            self.mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                      config.get("max_shift", 1.15))
+
+    def set_timesteps(self, num_steps, device):
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=self.mu)
+        timesteps = self.scheduler.timesteps
+        return timesteps.to(device), self._previous(timesteps).to(device)
 
 
 SAMPLERS = {sampler.kind: sampler for sampler in (DDIMSampler, DDPMSampler, FlowSDESampler)}

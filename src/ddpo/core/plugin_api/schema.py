@@ -50,8 +50,8 @@ class Trajectory:
         prev_timesteps: (B, T), the time each step lands on (-1 past the end of a DDIM/DDPM schedule), as
             recorded when sampling. Recomputing a log-prob uses it, never the scheduler's mutable state.
         prompt_embeds: (B, L, D) text-encoder output; or a dict of batch-first tensors for models conditioned on
-            several (SD3: {"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, P)}); None for unconditional
-            models.
+            several (SD3, FLUX: {"prompt_embeds": (B, L, D), "pooled_prompt_embeds": (B, P)}; SDXL also
+            "add_time_ids": (B, 6), its size and crop conditioning); None for unconditional models.
         rewards: (B,) float32 training reward, once scored.
         advantages: (B,) or (B, T) float32, once computed.
         group_ids: (B,) int64, trajectories with the same id share a prompt and an initial noise; unique across

@@ -1,7 +1,7 @@
-"""The base of diffusers text-to-image models (SD 1.x/2.x, SD3): what they share — loading the pipeline with the
-text encoders and the VAE frozen, the image resolution, decoding, and the LoRA export in diffusers' format — so that
-a model plugin states only its differences: its pipeline class, its denoiser, its sampler, how it encodes prompts
-and how it predicts. Importing this module does not import torch.
+"""The base of diffusers text-to-image models (SD 1.x/2.x, SDXL, SD3, FLUX): what they share — loading the pipeline
+with the text encoders and the VAE frozen, the image resolution, decoding, and the LoRA export in diffusers' format —
+so that a model plugin states only its differences: its pipeline class, its denoiser, its sampler, how it encodes
+prompts and how it predicts. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ class TextToImageOptions(ModelOptions):
     """Options every diffusers text-to-image model has."""
 
     resolution: int | None = pydantic.Field(None, ge=8)
-    """Image size in pixels; default: the denoiser's sample size x the VAE factor (512 for SD 1.4, 1024 for
-    SD3.5-M)."""
+    """Image size in pixels; default: the model's native size, the denoiser's sample size x the VAE factor (512 for
+    SD 1.4, 1024 for SDXL and SD3.5-M; FLUX: the pipeline's 1024)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load."""
     variant: str | None = None
@@ -68,6 +68,14 @@ class DiffusersTextToImage(Model):
         """The LoRA keyword arguments of the pipeline's save_lora_weights (the adapters and their metadata)."""
         raise NotImplementedError(f"model '{self.name}' does not implement lora_layers")
 
+    def encode_negative_prompt(self) -> Any:
+        """The embeddings of guidance's unconditional branch, for one sample; default: the empty prompt's."""
+        return self.encode_prompts([""])
+
+    def default_resolution(self) -> int:
+        """The image size in pixels when `resolution` is not set: the denoiser's sample size x the VAE factor."""
+        return self.denoiser.config.sample_size * self.vae_factor
+
     # -- shared ---------------------------------------------------------------------------------------
 
     def load(self, device, dtype):
@@ -85,11 +93,11 @@ class DiffusersTextToImage(Model):
         self.denoiser = denoiser.to(device, dtype if self.options.use_lora else torch.float32)
         self.take_components(pipeline)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        resolution = self.options.resolution or self.denoiser.config.sample_size * self.vae_factor
+        resolution = self.options.resolution or self.default_resolution()
         if resolution % self.resolution_multiple():
             raise UsageError(f"model.resolution={resolution} must be a multiple of {self.resolution_multiple()}")
         self.resolution = resolution
-        self.negative_embeds = self.encode_prompts([""])
+        self.negative_embeds = self.encode_negative_prompt()
 
     def sample_shape(self):
         side = self.resolution // self.vae_factor

@@ -163,7 +163,7 @@ class RewardWeightedRegression(ddpo.Algorithm):
                     weighted = rows[scaled[rows] > 0]
                     rows = weighted if len(weighted) else rows[:1]
                     with accumulator.micro_step():
-                        embeds = None if trajectory.prompt_embeds is None else trajectory.prompt_embeds[rows]
+                        embeds = trajectory[rows].prompt_embeds  # a tensor, a dict of them (SDXL, SD3) or None
                         losses = run.model.denoising_loss(final_samples[rows], embeds, generator, guidance_scale)
                         loss = (scaled[rows] * losses).sum() / batch_size
                         accumulator.backward(loss)
