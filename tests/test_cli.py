@@ -21,7 +21,7 @@ def assert_one_line_usage_error(result, *fragments):
     (["run", "--epoch", "3"], ["No such option: --epoch", "--epochs"]),
     (["run", "--epochs", "three"], ["Invalid value for '--epochs'"]),
     (["run", "--set", "sample.eta=0"], ["sample.eta=0", "use sample.eta > 0"]),
-    (["run", "--set", "sample.sde=dance-grpo"], ["sample.sde=dance-grpo is a flow-matching sampler", "(sd3, flux)"]),
+    (["run", "--set", "sample.sde=dance-grpo"], ["sample.sde=dance-grpo is a flow-matching sampler", "(sd3, flux, wan)"]),
     (["run", "--config", "missing.yaml"], ["config file not found: missing.yaml"]),
     (["run", "--resume", "no/such/run"], ["no/such/run is not a run directory"]),
     (["run", "--device", "tpu"], ["invalid value for 'device'"]),

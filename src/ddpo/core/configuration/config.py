@@ -48,8 +48,8 @@ class SampleConfig(Section):
     eta: float = pydantic.Field(1.0, ge=0.0, le=1.0)
     """DDIM noise weight: 1.0 is fully stochastic; 0 is deterministic and refused by log-prob algorithms."""
     sde: Literal["flow-grpo", "dance-grpo", "cps"] = "flow-grpo"
-    """Flow-matching models only (sd3, flux): the stochastic step, `eta` its noise level. flow-grpo, Flow-GRPO's SDE
-    with the ODE's marginals, std eta sqrt(sigma / (1 - sigma)) sqrt(-dt); dance-grpo, DanceGRPO's, std
+    """Flow-matching models only (sd3, flux, wan): the stochastic step, `eta` its noise level. flow-grpo,
+    Flow-GRPO's SDE with the ODE's marginals, std eta sqrt(sigma / (1 - sigma)) sqrt(-dt); dance-grpo, DanceGRPO's, std
     eta sqrt(sigma - sigma'); cps, the coefficients-preserving sampler, std sigma' sin(eta pi / 2). Formulas
     and sources in docs/models.md; DDIM and DDPM refuse any but flow-grpo."""
     guidance_scale: float = pydantic.Field(5.0, ge=0.0)
@@ -328,7 +328,7 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
     if config.sample.sde != "flow-grpo" and scheduler != "flow-sde":
         raise UsageError(f"sample.sde={config.sample.sde} is a flow-matching sampler, but model "
                          f"'{config.model.name}' samples with {scheduler or 'its own scheduler'}; use a flow model "
-                         "(sd3, flux) or leave sample.sde at flow-grpo")
+                         "(sd3, flux, wan) or leave sample.sde at flow-grpo")
     if algorithm.needs_log_probs and config.sample.eta == 0 and config.model.options().get("scheduler") != "ddpm":
         raise UsageError(f"sample.eta=0 makes DDIM sampling deterministic, so algorithm '{algorithm.name}' has no "
                          "log-probabilities to train on; use sample.eta > 0 (1.0 is standard)")
