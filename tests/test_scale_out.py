@@ -4,7 +4,7 @@ update as data parallel; a two-"node" launch on one machine (accelerate's --num_
 one process per node); and the shipped accelerate config files and the CLI's refusals.
 
 Launches cost 15-30 s of CPU each, so the slow tests share them, made once per session (`helpers.once_per_session`):
-`fsdp_runs` (five launches), `zero_runs` (four) and `two_node_run` (two launchers that meet). Each process writes
+`fsdp_runs` (five launches), `zero_runs` (six) and `two_node_run` (two launchers that meet). Each process writes
 what it holds through the `scale_probe` plugin (`SCALE_PROBE`). The DeepSpeed tests are skipped where deepspeed is
 not installed (it is not a test extra: `pip install --no-build-isolation deepspeed`, and its first launch compiles
 DeepSpeed's shared-memory collective op for the CPU).
@@ -203,29 +203,36 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed (pip install --no-build-isolation deepspeed)")
 
 
+ZERO_RUNS = {"zero2-lora": ("zero2", "lora", "ddp-lora"), "zero3-lora": ("zero3", "lora", "ddp-lora"),
+             "zero2-full": ("zero2", "full", "full"), "zero3-full": ("zero3", "full", "full")}
+"""Each DeepSpeed run of `zero_runs`: its ZeRO config, its model ("lora": LoRA on the tiny SD pipeline, "full": every
+weight of the tiny DDPM, as in `fsdp_runs`) and the `fsdp_runs` run it is compared with."""
+ZERO_RESUMED = ("zero2-lora", "zero3-full")
+
+
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory, request) -> Path:
-    """Two epochs each, two processes: `ddpo run --distributed zero2` with LoRA on the tiny SD pipeline ("zero2-lora")
-    and `--distributed zero3` with all weights trained on the tiny DDPM ("zero3-full"), with `fsdp_runs`' settings,
-    and each resumed from its epoch-1 checkpoint in a copy of its run directory ("...-resumed")."""
+    """Two epochs each, two processes, with `fsdp_runs`' settings: `ddpo run --distributed zero2|zero3` with LoRA and
+    with all weights trained (ZERO_RUNS), and two of them resumed from their epoch-1 checkpoint in a copy of their run
+    directory ("...-resumed"; one per stage and per kind of fine-tuning, for the CPU time)."""
     def launch(directory: Path) -> None:
         env = probe_env(directory)
-        sd, ddpm = request.getfixturevalue("tiny_sd"), request.getfixturevalue("tiny_ddpm")
-        runs = {"zero2-lora": ["--distributed", "zero2", "--model", "sd14", "--set", f"model.pretrained={sd}",
-                               "--set", "model.use_lora=true"],
-                "zero3-full": ["--distributed", "zero3", "--model", "ddpm", "--set", f"model.pretrained={ddpm}",
-                               "--set", "model.use_lora=false"]}
+        models = {"lora": ["--model", "sd14", "--set", f"model.pretrained={request.getfixturevalue('tiny_sd')}",
+                           "--set", "model.use_lora=true"],
+                  "full": ["--model", "ddpm", "--set", f"model.pretrained={request.getfixturevalue('tiny_ddpm')}",
+                           "--set", "model.use_lora=false"]}
         ddpo = [sys.executable, "-m", "ddpo", "run", "--num-processes", "2"]
-        started = [start([*ddpo, *args, *SMALL, "--epochs", "2", "--logdir", str(directory), "--run-name", name], env)
-                   for name, args in runs.items()]
+        started = [start([*ddpo, "--distributed", stage, *models[model], *SMALL, "--epochs", "2", "--logdir",
+                          str(directory), "--run-name", name], env) for name, (stage, model, _) in ZERO_RUNS.items()]
         for process in started:
             finish(process)
         resumed = []
-        for name, args in runs.items():
+        for name in ZERO_RESUMED:
             copy = directory / f"{name}-resumed"
             shutil.copytree(directory / name, copy)
             shutil.rmtree(copy / "checkpoints" / "epoch_0002")
-            resumed.append(start([*ddpo, *args[:2], "--resume", str(copy), "--epochs", "2"], env))
+            resumed.append(start([*ddpo, "--distributed", ZERO_RUNS[name][0], "--resume", str(copy), "--epochs", "2"],
+                                 env))
         for process in resumed:
             finish(process)
 
@@ -253,10 +260,11 @@ def zero_partitions(run_dir: Path, epoch: int) -> list[list[torch.Tensor]]:
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero_partitions_the_optimizer_state_and_zero3_the_weights(zero_runs):
-    """Under ZeRO-2 (LoRA) each process keeps the fp32 optimizer copy of half the trained weights and the weights
-    themselves whole; under ZeRO-3 (all weights) the weights are partitioned too, each process holding about half
-    of their elements."""
-    for name, stage in (("zero2-lora", 2), ("zero3-full", 3)):
+    """Under ZeRO-2 each process keeps the fp32 optimizer copy of half the trained weights and the weights
+    themselves whole; under ZeRO-3 the trained weights are partitioned too, each process holding about half of
+    their elements; LoRA or full."""
+    for name, (config, _, _) in ZERO_RUNS.items():
+        stage = int(config[-1])
         ranks = probes(zero_runs / name, 0)
         for rank in ranks:
             assert (rank["processes"], rank["zero_stage"]) == (2, stage) and rank["parameters"] > 0
@@ -270,10 +278,10 @@ def test_zero_partitions_the_optimizer_state_and_zero3_the_weights(zero_runs):
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero_resume_continues_exactly(zero_runs):
-    """A run resumed from its epoch-1 checkpoint under ZeRO-2 and ZeRO-3 (each rank reading its own partition) ends
-    epoch 2 with the uninterrupted run's weights, each rank's optimizer partition and logged rewards, bit for bit;
-    both ranks gather the same whole weights, and they moved."""
-    for name in ("zero2-lora", "zero3-full"):
+    """A run resumed from its epoch-1 checkpoint under ZeRO-2 (LoRA) and ZeRO-3 (all weights), each rank reading its
+    own partition, ends epoch 2 with the uninterrupted run's weights, each rank's optimizer partition and logged
+    rewards, bit for bit; both ranks gather the same whole weights, and they moved."""
+    for name in ZERO_RESUMED:
         run_dir, resumed = zero_runs / name, zero_runs / f"{name}-resumed"
         weights, weights_again = (load_file(directory / "checkpoints" / "epoch_0002" / "weights.safetensors")
                                   for directory in (run_dir, resumed))
@@ -294,19 +302,21 @@ def test_zero_resume_continues_exactly(zero_runs):
 @pytest.mark.slow
 def test_zero_first_update_equals_data_parallel_and_checkpoints_hold_whole_weights(zero_runs, fsdp_runs):
     """ddpo sets DeepSpeed's accumulation boundary itself (three backward passes per step here, one per trained step
-    position), so under ZeRO each epoch takes one optimizer step from the gradient norm data parallel sees (LoRA,
-    ZeRO-2) or FSDP, itself data parallel's (all weights, ZeRO-3), with the same rewards, and the first update equals
+    position), so under ZeRO-2 and ZeRO-3 each epoch takes one optimizer step from the gradient norm data parallel
+    sees (LoRA) or FSDP, itself data parallel's (all weights), with the same rewards, and the first update equals
     theirs up to float32 summation order (AdamW's first step, lr*g/(|g|+eps), magnifies that order's noise in the
-    few weights whose gradient is near eps: 0.01% of the DDPM's elements, by up to 1% of the step). The checkpoint
+    few weights whose gradient is near eps: under ZeRO-3, whose partitioned gradients sum in another order, 0.013%
+    of the elements move by up to 2% of the 0.01 step; under ZeRO-2 none by 1e-6). The checkpoint
     holds the whole weights under data parallel's names and shapes (what `ddpo sample` loads) and diffusers' LoRA
     file, with DeepSpeed's per-rank partitions in place of optimizer.pt; resuming it without DeepSpeed is a one-line
     usage error."""
-    for name, reference, tolerance in (("zero2-lora", "ddp-lora", 1e-6), ("zero3-full", "full", 2e-4)):
+    for name, (config, _, reference) in ZERO_RUNS.items():
         path = zero_runs / name / "checkpoints" / "epoch_0001"
         zero, whole = load_file(path / "weights.safetensors"), checkpoint(fsdp_runs / reference, 1)[0]
         assert zero.keys() == whole.keys() and all(zero[key].shape == whole[key].shape for key in zero)
-        for key in zero:
-            assert torch.allclose(zero[key], whole[key], rtol=1e-4, atol=tolerance), (name, key)
+        differences = torch.cat([(zero[key] - whole[key]).abs().flatten() for key in zero])
+        assert differences.max() < {"zero2": 1e-6, "zero3": 2e-4}[config], name
+        assert (differences > 1e-5).float().mean() < 1e-3, name
         for row, reference_row in zip(read_metrics(zero_runs / name), read_metrics(fsdp_runs / reference), strict=True):
             assert row["train/optimizer_steps"] == reference_row["train/optimizer_steps"] == 1
             assert row["train/grad_norm"] == pytest.approx(reference_row["train/grad_norm"], rel=1e-5)
@@ -314,11 +324,13 @@ def test_zero_first_update_equals_data_parallel_and_checkpoints_hold_whole_weigh
         assert not (path / "optimizer.pt").exists()
         assert sorted(file.name for file in (path / "deepspeed").glob("*optim_states.pt")) == [
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    path = zero_runs / "zero2-lora" / "checkpoints" / "epoch_0001"
-    lora, zero = load_file(path / "lora" / "pytorch_lora_weights.safetensors"), load_file(path / "weights.safetensors")
-    assert sorted(tensor.double().sum().item() for tensor in lora.values()) == pytest.approx(
-        sorted(tensor.double().sum().item() for tensor in zero.values()), rel=1e-12, abs=1e-12)
-    refused = subprocess.run([sys.executable, "-m", "ddpo", "run", "--resume", str(zero_runs / "zero3-full-resumed"),
+    for name in ("zero2-lora", "zero3-lora"):
+        path = zero_runs / name / "checkpoints" / "epoch_0001"
+        lora = load_file(path / "lora" / "pytorch_lora_weights.safetensors")
+        zero = load_file(path / "weights.safetensors")
+        assert sorted(tensor.double().sum().item() for tensor in lora.values()) == pytest.approx(
+            sorted(tensor.double().sum().item() for tensor in zero.values()), rel=1e-12, abs=1e-12)
+    refused = subprocess.run([sys.executable, "-m", "ddpo", "run", "--resume", str(zero_runs / "zero2-full"),
                               "--epochs", "3"], capture_output=True, text=True, env=ENV, timeout=300)
     assert refused.returncode == 2 and "holds DeepSpeed's per-rank optimizer state" in refused.stderr, refused.stderr
 
