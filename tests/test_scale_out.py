@@ -427,3 +427,22 @@ def test_launches_ddpo_cannot_run_are_refused_before_anything_loads(monkeypatch,
         monkeypatch.setenv(name, value)
     with pytest.raises(UsageError, match=message):
         make_accelerator(resolve_config(None, sets, {}))
+
+
+def test_an_algorithm_module_of_its_own_is_refused_under_deepspeed():
+    """ddpo drives one DeepSpeed engine, the policy's: an algorithm that registers a module of its own (DPOK's value
+    baseline, TDPO-R's critic) under DeepSpeed gets a usage error naming the algorithm and the module. The
+    accelerator stands in for one that prepared the policy into DeepSpeed's engine (accelerate's
+    `deepspeed_engine_wrapped`), which only a DeepSpeed launch makes."""
+    from types import SimpleNamespace
+
+    from ddpo.core.configuration.config import resolve_config
+    from ddpo.core.configuration.errors import UsageError
+    from ddpo.core.engine.run import Run
+
+    run = Run(config=resolve_config(None, ["algorithm.name=dpok"], {}),
+              accelerator=SimpleNamespace(deepspeed_engine_wrapped=object()), model=None, reward=None, algorithm=None,
+              prompt_set=None, run_dir=Path("."), optimizer=None, stat_tracker=None, modules={"policy": None})
+    value = torch.nn.Linear(2, 1)
+    with pytest.raises(UsageError, match="algorithm 'dpok' trains a module of its own \\('value'\\)"):
+        run.register_module("value", value, torch.optim.AdamW(value.parameters()))
