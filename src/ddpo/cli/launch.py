@@ -49,7 +49,8 @@ def launch_argv(name: str, num_processes: int | None, mixed_precision: str, ddpo
         raise UsageError("--distributed starts its own launcher; inside `accelerate launch` or torchrun, "
                          "leave --distributed out")
     if name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError(f"--distributed {name} needs DeepSpeed: pip install deepspeed (or use --distributed fsdp)")
+        raise UsageError(f"--distributed {name} needs DeepSpeed: pip install --no-build-isolation deepspeed "
+                         "(or use --distributed fsdp)")
     if num_processes is None:
         import torch
 

@@ -3,7 +3,8 @@
 The policy is one trained module; an algorithm can register more (a value baseline, a critic), each with its
 own optimizer and clipping norm. Algorithms decide how many backward passes make one optimizer step (DDPO:
 grad_accum minibatches x trained timesteps; DDPO-SF: the whole epoch). Gradients are only all-reduced across
-processes on the last micro-step.
+processes on the last micro-step. Under DeepSpeed the engine clips and steps inside the backward pass that the
+accumulator marks as the last micro-step (ddpo.core.engine.distributed).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class GradientAccumulator:
         self.losses_finite = True
         self.grad_norms: dict[str, float] = {module.name: float("nan") for module in modules}
         """Each module's gradient norm before clipping, at the last optimizer step."""
+        self.stepping = False
+        """Whether the current micro-step completes an optimizer step."""
+        self.deepspeed_engine_wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        """accelerate's wrapper of DeepSpeed's engine, which steps inside `backward`; None without DeepSpeed."""
 
     @property
     def last_grad_norm(self) -> float:
@@ -77,13 +82,13 @@ class GradientAccumulator:
         self._check_fits(size)
         self.count += size
         self.size = size
-        stepping = self.count % self.micro_steps == 0
+        self.stepping = self.count % self.micro_steps == 0
         with contextlib.ExitStack() as stack:
-            if not stepping:
+            if not self.stepping and self.deepspeed_engine_wrapped is None:
                 for module in self.modules:
                     stack.enter_context(self.accelerator.no_sync(module.module))
             yield
-        if stepping:
+        if self.stepping:
             self._step()
 
     def _check_fits(self, size: int) -> None:
@@ -92,6 +97,8 @@ class GradientAccumulator:
                              f"{self.micro_steps} runs past the optimizer step")
 
     def _step(self) -> None:
+        """Clip and step every module; under DeepSpeed the engine did both in the last backward pass, and the
+        accelerator reports its norm (DeepSpeed skips a step whose norm is not finite itself)."""
         for module in self.modules:
             norm = self.accelerator.clip_grad_norm_(module.parameters(), module.max_grad_norm)
             self.grad_norms[module.name] = float(norm) if norm is not None else float("nan")
@@ -127,7 +134,11 @@ class GradientAccumulator:
     def backward(self, loss: torch.Tensor) -> None:
         if self.guard is not None:
             self.losses_finite &= bool(torch.isfinite(loss.detach()).all())
-        self.accelerator.backward(loss * self.size / self.micro_steps)
+        scaled = loss * self.size / self.micro_steps
+        if self.deepspeed_engine_wrapped is not None:  # the engine steps in this backward pass if it ends a step
+            self.deepspeed_engine_wrapped.backward(scaled, sync_gradients=self.stepping)
+        else:
+            self.accelerator.backward(scaled)
 
     def check_finished(self) -> None:
         """Fail loudly if gradients are left over (the micro-step count did not divide evenly)."""

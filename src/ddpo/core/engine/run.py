@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ddpo.core.configuration.config import RunConfig
+from ddpo.core.configuration.errors import UsageError
 from ddpo.core.engine.ema import WeightAverage
 from ddpo.core.engine.guards import RunGuard
 from ddpo.core.engine.onpolicy import SampledGradients
@@ -97,6 +98,9 @@ class Run:
         """
         if name in self.modules:
             raise ValueError(f"a trained module named '{name}' is already registered")
+        if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:
+            raise UsageError(f"algorithm '{self.config.algorithm.name}' trains a module of its own ('{name}') beside "
+                             "the policy, and ddpo drives one DeepSpeed engine; shard with --distributed fsdp")
         module, optimizer = self.accelerator.prepare(module, optimizer)
         norm = self.config.train.max_grad_norm if max_grad_norm is None else max_grad_norm
         self.modules[name] = TrainedModule(name, module, optimizer, norm)

@@ -282,13 +282,16 @@ class Model(Plugin):
                 if parameter.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights by parameter name, whole, detached, contiguous, on the CPU. With FSDP's shards
-        every rank must call it (it gathers them), except inside `gathered_weights`."""
+        """The trainable weights by parameter name, whole, detached, contiguous, on the CPU. With FSDP's shards or
+        ZeRO-3's partitions every rank must call it (it gathers them), except inside `gathered_weights`."""
         if self._gathered is not None:
             return self._gathered
-        from ddpo.core.engine.distributed import whole
+        from ddpo.core.engine.distributed import gathered_parameters, whole
 
-        return {name: whole(parameter).to("cpu").contiguous() for name, parameter in self.trainable_named_parameters()}
+        named = self.trainable_named_parameters()
+        with gathered_parameters([parameter for _, parameter in named]):  # ZeRO-3's partitions, whole inside
+            return {name: whole(parameter).to("cpu", copy=hasattr(parameter, "ds_tensor")).contiguous()
+                    for name, parameter in named}
 
     @contextlib.contextmanager
     def gathered_weights(self):
