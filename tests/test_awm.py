@@ -110,7 +110,7 @@ def test_awm_loss_equals_a_float64_hand_computation(tiny_sd3):
 
 def test_awm_runs_on_the_tiny_sd3_pipeline_with_ode_rollouts_and_moves_the_lora_weights(tiny_sd3, forked_cli,
                                                                                         tmp_path):
-    """Deterministic (eta 0) rollouts, one group of 4, two minibatches per optimizer step and 2 steps per epoch:
+    """Deterministic (eta 0) rollouts, one group of 4, minibatches of 1, two per optimizer step, 2 steps per epoch:
     the second step's samples take their old matching loss from the pass before training, and their ratios leave 1.
     The LoRA weights exported for diffusers have moved off their initial zeros."""
     from safetensors.torch import load_file
@@ -119,9 +119,9 @@ def test_awm_runs_on_the_tiny_sd3_pipeline_with_ode_rollouts_and_moves_the_lora_
                             "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
                             "--set", "algorithm.group_size=4", "--set", "algorithm.kl_beta=0.01",
                             "--set", "algorithm.train_timesteps=2", "--set", "sample.batch_size=4",
-                            "--set", "sample.batches_per_epoch=2", "--set", "sample.num_steps=4",
-                            "--set", "train.batch_size=2", "--set", "train.grad_accum=2",
-                            "--set", "train.learning_rate=1e-2", "--set", "eval.num_steps=4",
+                            "--set", "sample.batches_per_epoch=1", "--set", "sample.num_steps=3",
+                            "--set", "train.batch_size=1", "--set", "train.grad_accum=2",
+                            "--set", "train.learning_rate=1e-2", "--set", "eval.num_steps=3",
                             "--epochs", "2", "--logdir", str(tmp_path), "--run-name", "awm")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "awm" / "metrics.jsonl").read_text().splitlines()]
