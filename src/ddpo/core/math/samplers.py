@@ -6,7 +6,7 @@ Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow 
 DDIM with eta, DDPM ancestral steps, and a flow-matching SDE (eta is its noise level): Flow-GRPO's, DanceGRPO's or
 the coefficients-preserving sampler, by `sample.sde`. The step
 math is in `ddpo.core.math.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
-for the regression losses (RWR).
+for the regression losses (RWR), and the forward process at chosen times (`noised`: AWM).
 """
 
 from __future__ import annotations
@@ -59,9 +59,16 @@ class Sampler:
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For the model's own training loss on clean states x_0: `(noisy, timesteps, target)`, a uniformly
         drawn time per sample, x_t at it, and what the model should predict there."""
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (original.shape[0],),
+                                  generator=generator)
+        return self.noised(original, noise, timesteps.to(original.device))
+
+    def noised(self, original: torch.Tensor, noise: torch.Tensor,
+               timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward process at chosen times: `(noisy, timesteps, target)` for clean states x_0 (B, C, H, W),
+        noise (B, C, H, W) and model times (B,) (as the trajectory records them), x_t and what the model should
+        predict there. For the losses on re-noised final samples at the sampler's own times (AWM)."""
         config = self.scheduler.config
-        timesteps = torch.randint(0, config.num_train_timesteps, (original.shape[0],), generator=generator)
-        timesteps = timesteps.to(original.device)
         noisy = self.scheduler.add_noise(original, noise, timesteps)
         if config.prediction_type == "epsilon":
             target = noise
@@ -134,9 +141,14 @@ class FlowSDESampler(Sampler):
     def denoising_target(self, original, noise, generator):
         """Flow matching: x_σ = (1 − σ) x_0 + σ noise with σ uniform, target velocity noise − x_0."""
         sigma = torch.rand(original.shape[0], generator=generator).to(original.device)
+        return self.noised(original, noise, sigma * self.scheduler.config.num_train_timesteps)
+
+    def noised(self, original, noise, timesteps):
+        """Flow matching at σ = timesteps / num_train_timesteps: x_σ = (1 − σ) x_0 + σ noise, target noise − x_0."""
+        sigma = timesteps.to(original.dtype) / self.scheduler.config.num_train_timesteps
         shaped = sigma.reshape(-1, *([1] * (original.ndim - 1)))
         noisy = (1 - shaped) * original + shaped * noise
-        return noisy, sigma * self.scheduler.config.num_train_timesteps, noise - original
+        return noisy, timesteps, noise - original
 
 
 
