@@ -192,6 +192,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     _seed_everything(derive_seed(config.seed, epoch, accelerator.process_index, "global"))
 
     run.model.denoiser.eval()
+    window = config.sample.sde_window
+    sde_window = window.steps(config.sample.num_steps, epoch, config.seed) if window is not None else None
     offline = run.algorithm.offline_trajectories(run)
     if offline is not None:
         trajectory, images = offline
@@ -203,7 +205,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
                                                                    "prompts")),
                 progress=InterruptibleProgress(bar, run.guard),
                 shared_rng=random.Random(derive_seed(config.seed, epoch, "group-prompts")),
-                shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")))
+                shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")),
+                sde_window=sde_window)
         run.sampled_gradients = engine.gradients.take() if engine.gradients is not None else None
     component_means = combine_epoch_rewards(run, trajectory)  # a multi reward's per-epoch combination, else {}
     hooks.on_rollout_end(run=run, trajectory=trajectory)
@@ -226,6 +229,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     rewards = run.gathered_rewards
     scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
                "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **monitors}
+    if sde_window is not None and offline is None:
+        scalars["sample/sde_window_start"] = float(sde_window[0])
     try:
         with torch.profiler.record_function(PHASES["training"]):
             metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}
