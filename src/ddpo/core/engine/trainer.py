@@ -149,7 +149,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                            share_group_noise=algorithm.shares_group_noise(), gradients=gradients,
                            gradient_batches=(algorithm.on_policy_samples(config) // config.sample.batch_size
-                                             if gradients is not None else 0))
+                                             if gradients is not None else 0),
+                           keep_means=algorithm.needs_step_means)
     profiler = EpochProfiler(run_dir, first_epoch=run.epoch + 1, last_epoch=config.epochs,
                              enabled=profile and accelerator.is_main_process)
     hooks.on_run_start(run=run)
