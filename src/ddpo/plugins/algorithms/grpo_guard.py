@@ -43,10 +43,13 @@ reweighting is 1. The tags are grpo's (`policy/ratio_mean` and `policy/clipfrac`
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 import ddpo
 from ddpo.plugins.algorithms.grpo import GroupRelativePolicyOptimization
+
+if TYPE_CHECKING:
+    import torch
 
 
 def guarded_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor,
@@ -56,6 +59,8 @@ def guarded_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: 
     ratio ρ̂ = exp(s (log ρ + mean(Δμ²) / (2 s²))) (or plain ρ without `ratio_norm`). `log_prob`, `old_log_prob`,
     `weight`, `advantages` (B,); `mean`, `old_mean` (B, C, H, W); `std` (B|1, 1, 1, 1) the step's whole std.
     Returns `(loss, ratio, bias)`, ratio ρ̂ (B,) and bias mean(Δμ²) / (2 s²) (B,)."""
+    import torch
+
     step_std = std.reshape(-1).expand(log_prob.shape[0])
     bias = (mean - old_mean).pow(2).flatten(1).mean(dim=1) / (2 * step_std**2)
     log_ratio = log_prob - old_log_prob
@@ -95,6 +100,8 @@ class GRPOGuard(GroupRelativePolicyOptimization):
     def policy_loss(self, run, transitions, step):
         """`guarded_surrogate` on the pass's transitions, with the sampling policy's means kept by the rollout;
         logs the normalised ratio's mean and clip fraction and the bias RatioNorm removed."""
+        import torch
+
         from ddpo.core.engine.rollout import STEP_MEANS
 
         options = self.options
