@@ -88,13 +88,20 @@ def test_grpo_guard_runs_on_the_tiny_sd3_pipeline(tiny_sd3, forked_cli, tmp_path
         assert record["grpo_guard/ratio_mean"] == pytest.approx(1, abs=1e-3)
 
 
-GUARD_THRESHOLD, GUARD_EPOCHS = 0.1, 8
+GUARD_THRESHOLD, GUARD_EPOCHS = 0.09, 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 1), (8, 0), (8, 1)], control=(8, 1)))
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(8, 0), (3, 1), (8, 1)], control=(8, 1)))
 def test_grpo_guard_learns_digits_targets_from_their_rewards_not_from_shuffled_ones(forked_cli, tmp_path, target,
                                                                                    seed, shuffled):
-    """grpo-guard's digits recipe (`model_run_defaults`), 8 epochs."""
+    """grpo-guard's digits recipe (`model_run_defaults`: grpo's, groups of 8 from one noise, clip 0.2 on the
+    normalised ratio, KL 0.1 to the base model), 8 epochs. `reward_rise` on targets 3 / 8 x seeds 0, 1: 0.191 0.510 /
+    0.327 0.357 (benchmarks/bench_learning_tests.py), std 0.116; the pairs asserted rose at least 0.327, 0.237 over
+    the 0.09 threshold, more than 2 x 0.116. (3, 0) is the weakest (0.191) and is not asserted. Controls with
+    shuffled rewards: (8, 1) -0.048 (asserted), and (3, 1) 0.172, not asserted: its first epoch drew few 3s (0.04)
+    and the later ones regress to the base rate, which the last-two-minus-first measure counts as a rise (grpo's
+    control (3, 1) does the same, 0.17). The lowest legibility of a run was 0.95. 43-45 CPU seconds a run (AMD EPYC,
+    one thread, a loaded machine). On DDIM the steps have no dt, so only RatioNorm acts here, not the reweighting."""
     records = learning_run(forked_cli, tmp_path, "grpo-guard", target, seed, GUARD_EPOCHS, shuffled=shuffled)
     assert_learned(records, shuffled, GUARD_THRESHOLD, min_legibility=0.9)

@@ -43,7 +43,7 @@ class SDEWindow(Section):
     """The steps sampled with the stochastic step (`sample.eta`); the others take the deterministic one (eta 0: DDIM's
     or the flow's Euler step) and have no log-probabilities, so only the window's steps are trained (MixGRPO,
     arXiv 2507.21802; Flow-GRPO-Fast). The window is the same for every sample of an epoch and moves between
-    epochs (`placement`). See docs/models.md#sde-windows."""
+    epochs (`placement`). See docs/models.md, "SDE windows"."""
 
     size: int = pydantic.Field(ge=1)
     """Steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 2 or 3)."""
