@@ -215,7 +215,6 @@ def _config_rows(model, prefix: str, per_model: dict[str, dict[str, Any]]) -> li
     from ddpo.core.configuration.config import PluginSection
 
     rows = []
-    instance = model()
     for name, field in model.model_fields.items():
         key = prefix + name
         annotation = field.annotation
@@ -223,7 +222,9 @@ def _config_rows(model, prefix: str, per_model: dict[str, dict[str, Any]]) -> li
                 and not issubclass(annotation, PluginSection):
             rows += _config_rows(annotation, key + ".", per_model)
             continue
-        default = getattr(instance, name)
+        optional = [option for option in get_args(annotation)  # an optional section: its row, then its keys'
+                    if isinstance(option, type) and issubclass(option, pydantic.BaseModel)]
+        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
         lookup = key
         if isinstance(default, PluginSection):
             default, lookup, kind = {"name": default.name}, key + ".name", "plugin section"
@@ -232,6 +233,8 @@ def _config_rows(model, prefix: str, per_model: dict[str, dict[str, Any]]) -> li
         models = ", ".join(f"{model_name}: {_value(changes[lookup])}" for model_name, changes in per_model.items()
                            if lookup in changes)
         rows.append([f"`{key}`", kind, _value(default), models, field.description or ""])
+        if optional:
+            rows += _config_rows(optional[0], key + ".", per_model)
     return rows
 
 

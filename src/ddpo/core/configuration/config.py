@@ -11,9 +11,10 @@ below it for that section are dropped (they belonged to the other plugin).
 
 from __future__ import annotations
 
+import random
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pydantic
 import yaml
@@ -38,6 +39,43 @@ class PluginSection(pydantic.BaseModel):
         return dict(self.model_extra or {})
 
 
+class SDEWindow(Section):
+    """The steps sampled with the stochastic step (`sample.eta`); the others take the deterministic one (eta 0: DDIM's
+    or the flow's Euler step) and have no log-probabilities, so only the window's steps are trained (MixGRPO,
+    arXiv 2507.21802; Flow-GRPO-Fast). The window is the same for every sample of an epoch and moves between
+    epochs (`placement`). See docs/models.md, "SDE windows"."""
+
+    size: int = pydantic.Field(ge=1)
+    """Steps in the window (MixGRPO: 4; Flow-GRPO-Fast: 2 or 3)."""
+    placement: Literal["sliding", "random"] = "sliding"
+    """sliding (MixGRPO): the window starts at `start` and moves `stride` steps every `shift_every` epochs, back to
+    `start` when it would pass `end`; random (Flow-GRPO-Fast): each epoch's window starts at a step drawn uniformly
+    from start..end - size (the run seed and the epoch draw it, the same on every process)."""
+    stride: int = pydantic.Field(1, ge=0)
+    """Steps the sliding window moves at a shift (MixGRPO: 1; 0 keeps it in place)."""
+    shift_every: int = pydantic.Field(1, ge=1)
+    """Epochs between the sliding window's shifts (MixGRPO: 25 training iterations, each one sampling and update)."""
+    start: int = pydantic.Field(0, ge=0)
+    """First step the window may cover (0: the noisiest)."""
+    end: int | None = pydantic.Field(None, ge=1)
+    """The window covers steps below this one; unset: num_steps - 1, never the last step (as MixGRPO and
+    Flow-GRPO-Fast)."""
+
+    def bounds(self, num_steps: int) -> tuple[int, int]:
+        """`(start, end)`: the steps the window may cover, start <= step < end."""
+        return self.start, num_steps - 1 if self.end is None else self.end
+
+    def steps(self, num_steps: int, epoch: int, seed: int) -> tuple[int, int]:
+        """`(first, stop)`: epoch `epoch`'s window (epochs count from 1), steps first <= step < stop."""
+        start, end = self.bounds(num_steps)
+        if self.placement == "random":
+            first = random.Random(f"sde-window/{seed}/{epoch}").randint(start, end - self.size)
+        else:
+            positions = 1 if self.stride == 0 else (end - self.size - start) // self.stride + 1
+            first = start + ((epoch - 1) // self.shift_every % positions) * self.stride
+        return first, first + self.size
+
+
 class SampleConfig(Section):
     batch_size: int = pydantic.Field(8, ge=1)
     """Trajectories sampled per batch, per process."""
@@ -55,6 +93,10 @@ class SampleConfig(Section):
     guidance_scale: float = pydantic.Field(5.0, ge=0.0)
     """Classifier-free guidance weight, in sampling and in training (1 or less: no guidance); for FLUX.1-dev, the
     input of its guidance embedding instead (no unconditional branch)."""
+    sde_window: SDEWindow | None = None
+    """Sample only a window of steps stochastically (`eta`) and the others with the deterministic step; only the
+    window's steps have log-probabilities and are trained. Unset: every step stochastic. DDIM and flow models; DDPM
+    ignores eta and refuses it."""
 
 
 class TrainConfig(Section):
@@ -239,9 +281,11 @@ def _valid_keys(model: type[pydantic.BaseModel], location: tuple) -> list[str]:
     for part in location:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)):
+        models = [option for option in (annotation, *get_args(annotation))  # a model, or an optional one
+                  if isinstance(option, type) and issubclass(option, pydantic.BaseModel)]
+        if not models:
             break
-        model = annotation
+        model = models[0]
     return sorted(model.model_fields)
 
 
@@ -329,6 +373,11 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
         raise UsageError(f"sample.sde={config.sample.sde} is a flow-matching sampler, but model "
                          f"'{config.model.name}' samples with {scheduler or 'its own scheduler'}; use a flow model "
                          "(sd3, flux, wan) or leave sample.sde at flow-grpo")
+    if config.sample.sde_window is not None:
+        _check_sde_window(config)
+    elif algorithm.needs_sde_window:
+        raise UsageError(f"algorithm '{algorithm.name}' trains a window of SDE steps: set sample.sde_window (e.g. "
+                         "--set sample.sde_window.size=4), or use grpo for every step")
     if algorithm.needs_log_probs and config.sample.eta == 0 and config.model.options().get("scheduler") != "ddpm":
         raise UsageError(f"sample.eta=0 makes DDIM sampling deterministic, so algorithm '{algorithm.name}' has no "
                          "log-probabilities to train on; use sample.eta > 0 (1.0 is standard)")
@@ -351,6 +400,21 @@ def _check_consistency(config: RunConfig, algorithm) -> None:
                          f"must be a multiple of train.batch_size x train.grad_accum = {per_step}")
     if config.train.gradient_from_sampling:
         _check_gradient_from_sampling(config, algorithm)
+
+
+def _check_sde_window(config: RunConfig) -> None:
+    """A window that fits the schedule, on a sampler whose eta turns the noise off."""
+    window, steps = config.sample.sde_window, config.sample.num_steps
+    if config.model.options().get("scheduler") == "ddpm":
+        raise UsageError("sample.sde_window needs a sampler whose eta=0 step is deterministic; DDPM ignores eta: use "
+                         "model.scheduler=ddim or leave sample.sde_window unset")
+    start, end = window.bounds(steps)
+    if end > steps or start + window.size > end:
+        raise UsageError(f"sample.sde_window: a window of {window.size} steps from step {start} must end by step "
+                         f"{end} (sde_window.end, default num_steps - 1) within sample.num_steps={steps}; valid: "
+                         f"start + size <= end <= num_steps")
+    if config.sample.eta == 0:
+        raise UsageError("sample.sde_window samples its steps with sample.eta, which is 0: set sample.eta > 0")
 
 
 def _check_gradient_from_sampling(config: RunConfig, algorithm) -> None:

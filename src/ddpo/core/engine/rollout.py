@@ -22,18 +22,27 @@ from ddpo.core.plugin_api.model import Model
 from ddpo.core.plugin_api.schema import Trajectory
 
 
+STEP_MEANS = "rollout/step_means"
+"""The `Trajectory.extras` key of each step's mean under the sampling policy (B, T, C, H, W), kept when the
+algorithm asks (`Algorithm.needs_step_means`)."""
+
+
 @torch.no_grad()
 def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_steps: int, eta: float,
                  guidance_scale: float, generator: torch.Generator, group_size: int = 1,
                  first_group_id: int = 0, initial_noise: torch.Tensor | None = None,
-                 gradients: SamplingGradients | None = None) -> tuple[Trajectory, torch.Tensor]:
+                 gradients: SamplingGradients | None = None, sde_window: tuple[int, int] | None = None,
+                 keep_means: bool = False) -> tuple[Trajectory, torch.Tensor]:
     """Sample one batch of trajectories.
 
     Consecutive runs of `group_size` samples share their initial noise x_T (give them the same prompt);
     they differ only by the noise of the stochastic steps. `initial_noise` (B, C, H, W), if given, is x_T
     instead (then `group_size` only numbers the groups). With `gradients` (inside its `batch` context), each
     step's forward pass keeps its graph and the per-sample gradients of the stochastic steps' log-probs
-    accumulate there (`ddpo.core.engine.onpolicy`); the samples drawn are the same.
+    accumulate there (`ddpo.core.engine.onpolicy`); the samples drawn are the same. With `sde_window` (first, stop),
+    only the steps first <= step < stop use `eta`; the others take the deterministic step (eta 0) and are no
+    policy steps (`sample.sde_window`). With `keep_means`, each step's Gaussian mean is kept in
+    `trajectory.extras[STEP_MEANS]` (B, T, C, H, W) float32, the sampling policy's mean of every transition.
 
     Returns:
         The trajectory (B samples, T = num_steps) without rewards, and the decoded images (B, 3, H, W) in [0, 1]
@@ -46,28 +55,31 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
     timesteps, prev_timesteps = model.set_timesteps(num_steps)
     sample = (model.initial_noise(batch_size // group_size, generator).repeat_interleave(group_size, dim=0)
               if initial_noise is None else initial_noise.to(model.device))
-    states, log_probs, policy_steps = [sample], [], []
-    for timestep, prev_timestep in zip(timesteps, prev_timesteps, strict=True):
+    states, log_probs, policy_steps, means = [sample], [], [], []
+    for index, (timestep, prev_timestep) in enumerate(zip(timesteps, prev_timesteps, strict=True)):
+        step_eta = eta if sde_window is None or sde_window[0] <= index < sde_window[1] else 0.0
         step_timesteps = timestep.repeat(batch_size)
         step_prev_timesteps = prev_timestep.repeat(batch_size)
         if gradients is None:
             output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
-            sample, log_prob, _, std = model.step(output, step_timesteps, step_prev_timesteps, sample, eta,
-                                                  generator=generator)
+            sample, log_prob, mean, std = model.step(output, step_timesteps, step_prev_timesteps, sample, step_eta,
+                                                     generator=generator)
             stochastic = (std > 0).reshape(-1).expand(batch_size)
         else:
             with torch.enable_grad():
                 output = model.predict_noise(sample, step_timesteps, prompt_embeds, guidance_scale)
-                next_sample, _, _, std = model.step(output.detach(), step_timesteps, step_prev_timesteps, sample, eta,
-                                                    generator=generator)
+                next_sample, _, mean, std = model.step(output.detach(), step_timesteps, step_prev_timesteps, sample,
+                                                       step_eta, generator=generator)
                 # the log-prob of the drawn x_{t-1} as training computes it: a function of the output only
-                _, log_prob, _, _ = model.step(output, step_timesteps, step_prev_timesteps, sample, eta,
+                _, log_prob, _, _ = model.step(output, step_timesteps, step_prev_timesteps, sample, step_eta,
                                                prev_sample=next_sample)
                 stochastic = (std > 0).reshape(-1).expand(batch_size)
                 if stochastic.any():
                     gradients.backward(log_prob[stochastic])
             sample, log_prob = next_sample, log_prob.detach()
         states.append(sample)
+        if keep_means:
+            means.append(mean.detach())
         log_probs.append(torch.where(stochastic, log_prob, torch.zeros_like(log_prob)))
         policy_steps.append(stochastic)
     with torch.profiler.record_function(PHASES["decode"]):
@@ -82,6 +94,7 @@ def sample_batch(model: Model, prompts: list[str], metadata: list[dict], *, num_
         prev_timesteps=prev_timesteps.repeat(batch_size, 1),
         prompt_embeds=prompt_embeds,
         group_ids=torch.arange(batch_size, device=sample.device) // group_size + first_group_id,
+        extras={STEP_MEANS: torch.stack(means, dim=1)} if keep_means else {},
     )
     return trajectory, images
 
@@ -131,7 +144,7 @@ class RolloutEngine:
     def __init__(self, model: Model, reward: Reward, prompt_set: PromptSet, sample_config: SampleConfig,
                  group_size: int = 1, reward_workers: int = 2, process_index: int = 0, num_processes: int = 1,
                  share_group_noise: bool = True, gradients: SamplingGradients | None = None,
-                 gradient_batches: int = 0):
+                 gradient_batches: int = 0, keep_means: bool = False):
         self.model = model
         self.reward = reward
         self.prompt_set = prompt_set
@@ -144,6 +157,8 @@ class RolloutEngine:
         self.gradients = gradients
         self.gradient_batches = gradient_batches
         """The first batches of an epoch that collect per-sample gradients into `gradients`."""
+        self.keep_means = keep_means
+        """Keep each step's mean in the trajectories (`sample_batch`'s `keep_means`)."""
         if group_size > sample_config.batch_size:
             total = sample_config.batch_size * sample_config.batches_per_epoch * num_processes
             if total % group_size:
@@ -199,13 +214,13 @@ class RolloutEngine:
             yield prompts, metadata, noise, groups
 
     def collect(self, generator: torch.Generator, rng: random.Random, progress=None,
-                shared_rng: random.Random | None = None,
-                shared_generator: torch.Generator | None = None) -> tuple[Trajectory, torch.Tensor]:
+                shared_rng: random.Random | None = None, shared_generator: torch.Generator | None = None,
+                sde_window: tuple[int, int] | None = None) -> tuple[Trajectory, torch.Tensor]:
         """Sample and score `batches_per_epoch` batches.
 
         `generator` and `rng` are this process's streams (step noise, prompts); `shared_rng` and
         `shared_generator`, the same on every process, draw the prompts and initial noises of groups larger
-        than a batch.
+        than a batch. `sde_window` (first, stop): the epoch's stochastic steps, as `sample_batch`'s.
 
         Returns:
             The epoch's trajectories with `rewards` (B,) set, and their images (B, 3, H, W) on the CPU.
@@ -223,7 +238,7 @@ class RolloutEngine:
                 trajectory, batch_images = sample_batch(
                     self.model, prompts, metadata, num_steps=self.config.num_steps, eta=self.config.eta,
                     guidance_scale=self.config.guidance_scale, generator=generator, initial_noise=noise,
-                    gradients=gradients)
+                    gradients=gradients, sde_window=sde_window, keep_means=self.keep_means)
             trajectory.group_ids = group_ids.to(trajectory.latents.device)
             self.timeline.append(("sample", index, start, time.perf_counter()))
             futures.append(self.executor.submit(self._timed_score, index, batch_images, prompts, metadata))

@@ -152,7 +152,8 @@ def train(config: RunConfig, resume_dir: Path | None = None, profile: bool = Fal
                            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                            share_group_noise=algorithm.shares_group_noise(), gradients=gradients,
                            gradient_batches=(algorithm.on_policy_samples(config) // config.sample.batch_size
-                                             if gradients is not None else 0))
+                                             if gradients is not None else 0),
+                           keep_means=algorithm.needs_step_means)
     profiler = EpochProfiler(run_dir, first_epoch=run.epoch + 1, last_epoch=config.epochs,
                              enabled=profile and accelerator.is_main_process)
     hooks.on_run_start(run=run)
@@ -195,6 +196,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     _seed_everything(derive_seed(config.seed, epoch, accelerator.process_index, "global"))
 
     run.model.denoiser.eval()
+    window = config.sample.sde_window
+    sde_window = window.steps(config.sample.num_steps, epoch, config.seed) if window is not None else None
     offline = run.algorithm.offline_trajectories(run)
     if offline is not None:
         trajectory, images = offline
@@ -206,7 +209,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
                                                                    "prompts")),
                 progress=InterruptibleProgress(bar, run.guard),
                 shared_rng=random.Random(derive_seed(config.seed, epoch, "group-prompts")),
-                shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")))
+                shared_generator=torch.Generator().manual_seed(derive_seed(config.seed, epoch, "group-noise")),
+                sde_window=sde_window)
         run.sampled_gradients = engine.gradients.take() if engine.gradients is not None else None
     component_means = combine_epoch_rewards(run, trajectory)  # a multi reward's per-epoch combination, else {}
     hooks.on_rollout_end(run=run, trajectory=trajectory)
@@ -229,6 +233,8 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
     rewards = run.gathered_rewards
     scalars = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
                "reward/min": rewards.min(), "reward/max": rewards.max(), **component_means, **monitors}
+    if sde_window is not None and offline is None:
+        scalars["sample/sde_window_start"] = float(sde_window[0])
     try:
         with torch.profiler.record_function(PHASES["training"]):
             metrics = {**run.algorithm.update(run, trajectory), **run.guard.epoch_metrics()}

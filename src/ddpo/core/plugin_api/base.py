@@ -83,6 +83,12 @@ class Algorithm(Plugin):
     keeps_groups_together: ClassVar[bool] = False
     """Whether training needs a group's members in one minibatch at one step (pairwise losses); then
     `train.batch_size` must be a multiple of the group size."""
+    needs_step_means: ClassVar[bool] = False
+    """Whether training reads the sampling policy's step means (`trajectory.extras[ddpo.core.engine.rollout.
+    STEP_MEANS]`, (B, T, C, H, W), as `Transitions.extras` per sample); then the rollout keeps them."""
+    needs_sde_window: ClassVar[bool] = False
+    """Whether the algorithm only makes sense with `sample.sde_window` set (MixGRPO); then a run without it is
+    refused."""
     needs_reference: ClassVar[bool] = False
     """Whether the algorithm uses the pretrained model (`run.model.reference()`); the trainer then prepares it
     before training (a frozen copy of the denoiser when all its weights are trained)."""

@@ -126,20 +126,28 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         rows = kept.nonzero().flatten()
         return trajectory[rows], len(rows) // minibatches
 
+    def policy_loss(self, run, transitions, step) -> tuple:
+        """The policy term of the loss on a pass's transitions (a scalar with gradient) and the scalars it logs by
+        tag: PPO's clipped surrogate here."""
+        from ddpo.core.math.policy import clipped_surrogate
+
+        policy_loss, _ = clipped_surrogate(step.log_prob, transitions.log_probs, transitions.advantages,
+                                           self.options.clip_range)
+        return policy_loss, {}
+
     def update(self, run, trajectory):
-        from ddpo.core.math.policy import EpochStatistics, clipped_surrogate, kl_to_reference, policy_update
+        from ddpo.core.math.policy import EpochStatistics, kl_to_reference, policy_update
 
         options, statistics = self.options, EpochStatistics()
 
         def loss(transitions, step):
-            policy_loss, _ = clipped_surrogate(step.log_prob, transitions.log_probs, transitions.advantages,
-                                               options.clip_range)
+            policy_loss, tags = self.policy_loss(run, transitions, step)
             total = policy_loss
             if options.kl_beta > 0:
                 kl = kl_to_reference(run.model, transitions, step.mean, step.std, run.config.sample, statistics,
                                      units="noise-level", reference_mean=step.reference().mean)
                 total = policy_loss + options.kl_beta * kl
-            return total, {"loss/policy": policy_loss, "loss/total": total}
+            return total, {"loss/policy": policy_loss, "loss/total": total, **tags}
 
         trained, batch_size = self.trained_samples(run, trajectory)
         summary = policy_update(run, trained, loss, clip_range=options.clip_range, statistics=statistics,
