@@ -6,7 +6,7 @@ Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow 
 DDIM with eta, DDPM ancestral steps, and a flow-matching SDE (eta is its noise level): Flow-GRPO's, DanceGRPO's or
 the coefficients-preserving sampler, by `sample.sde`. The step
 math is in `ddpo.core.math.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
-for the regression losses (RWR).
+for the regression losses (RWR, DiffusionNFT), and which clean state a model output implies (`predicted_original`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ddpo.core.math.logprob import (
+    _predicted_original,
     ddim_previous_timestep,
     ddim_step_with_logprob,
     ddpm_previous_timestep,
@@ -54,12 +55,14 @@ class Sampler:
         whose std is the step's own; |dt| for the flow SDE, whose step std is its noise level's times sqrt(|dt|)."""
         return torch.ones(timesteps.shape[0], 1, 1, 1, device=timesteps.device)
 
-    def denoising_target(self, original: torch.Tensor, noise: torch.Tensor,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the model's own training loss on clean states x_0: `(noisy, timesteps, target)`, a uniformly
-        drawn time per sample, x_t at it, and what the model should predict there."""
+    def denoising_target(self, original: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
+                         timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the model's own training loss on clean states x_0: `(noisy, timesteps, target)`, a time per sample
+        (`timesteps` (B,) if given, e.g. from the sampling schedule; else uniformly drawn), x_t at it by the
+        forward process with `noise`, and what the model should predict there."""
         config = self.scheduler.config
-        timesteps = torch.randint(0, config.num_train_timesteps, (original.shape[0],), generator=generator)
+        if timesteps is None:
+            timesteps = torch.randint(0, config.num_train_timesteps, (original.shape[0],), generator=generator)
         timesteps = timesteps.to(original.device)
         noisy = self.scheduler.add_noise(original, noise, timesteps)
         if config.prediction_type == "epsilon":
@@ -72,6 +75,16 @@ class Sampler:
             raise ValueError(f"prediction_type '{config.prediction_type}' is not supported; "
                              "valid: epsilon, v_prediction, sample")
         return noisy, timesteps, target
+
+    def predicted_original(self, model_output: torch.Tensor, noisy: torch.Tensor,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """x̂_0 (B, C, H, W) float32 that the model output (B, C, H, W) at x_t `noisy` and `timesteps` (B,) implies,
+        by the scheduler's prediction type (epsilon: (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)), never clipped."""
+        alphas = self.scheduler.alphas_cumprod.to(torch.float32)[timesteps.detach().to("cpu", torch.long)]
+        alpha_t = alphas.to(noisy.device).reshape(-1, *([1] * (noisy.ndim - 1)))
+        original, _ = _predicted_original(self.scheduler, model_output.to(torch.float32), noisy.to(torch.float32),
+                                          alpha_t, clip=False)
+        return original
 
 
 class DDIMSampler(Sampler):
@@ -130,12 +143,22 @@ class FlowSDESampler(Sampler):
         scale = self.scheduler.config.num_train_timesteps
         return ((timesteps.float() - prev_timesteps.float()) / scale).abs().reshape(-1, 1, 1, 1)
 
-    def denoising_target(self, original, noise, generator):
-        """Flow matching: x_σ = (1 − σ) x_0 + σ noise with σ uniform, target velocity noise − x_0."""
-        sigma = torch.rand(original.shape[0], generator=generator).to(original.device)
+    def denoising_target(self, original, noise, generator, timesteps=None):
+        """Flow matching: x_σ = (1 − σ) x_0 + σ noise with σ uniform (or `timesteps` / num_train_timesteps),
+        target velocity noise − x_0."""
+        scale = self.scheduler.config.num_train_timesteps
+        if timesteps is None:
+            sigma = torch.rand(original.shape[0], generator=generator).to(original.device)
+        else:
+            sigma = timesteps.to(original.device, torch.float32) / scale
         shaped = sigma.reshape(-1, *([1] * (original.ndim - 1)))
         noisy = (1 - shaped) * original + shaped * noise
-        return noisy, sigma * self.scheduler.config.num_train_timesteps, noise - original
+        return noisy, sigma * scale, noise - original
+
+    def predicted_original(self, model_output, noisy, timesteps):
+        """x̂_0 = x_σ − σ v: the clean end of the straight path through x_σ with velocity v."""
+        sigma = timesteps.to(noisy.device, torch.float32) / self.scheduler.config.num_train_timesteps
+        return noisy.to(torch.float32) - sigma.reshape(-1, *([1] * (noisy.ndim - 1))) * model_output.to(torch.float32)
 
 
 SAMPLERS = {sampler.kind: sampler for sampler in (DDIMSampler, DDPMSampler, FlowSDESampler)}
