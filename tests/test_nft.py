@@ -57,7 +57,7 @@ def test_loss_and_its_gradient_equal_the_official_code_in_float64(beta):
     loss = 5.0 * losses.mean()
     gradient, = torch.autograd.grad(loss, ours_v)
 
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert torch.allclose(ours_positive.double(), positive.detach(), rtol=1e-5)
     assert torch.allclose(ours_negative.double(), negative.detach(), rtol=1e-5)
     assert torch.allclose(gradient.double(), expected_gradient, rtol=1e-4, atol=1e-9)
@@ -186,3 +186,15 @@ def test_diffusion_nft_runs_on_the_tiny_sd3_pipeline_and_trains_its_lora(tiny_sd
     weights = load_file(str(tmp_path / "nft" / "checkpoints" / "epoch_0002" / "weights.safetensors"))
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
     assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b)  # some adapters of the tiny model get no gradient
+
+
+NFT_THRESHOLD, NFT_EPOCHS = 0.0, 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 0), (3, 1), (8, 0)], control=(3, 0)))
+def test_diffusion_nft_learns_digits_targets_from_their_rewards_not_from_shuffled_ones(forked_cli, tmp_path, target,
+                                                                                       seed, shuffled):
+    """PLACEHOLDER"""
+    records = learning_run(forked_cli, tmp_path, "diffusion-nft", target, seed, NFT_EPOCHS, shuffled=shuffled)
+    assert_learned(records, shuffled, NFT_THRESHOLD, min_legibility=0.9)
