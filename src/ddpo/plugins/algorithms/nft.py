@@ -19,7 +19,7 @@ clipped to ±c (c = `advantage.clip_max`, 5: config/base.py:84):
 
 v stands for the model's output in its own parametrisation (velocity on `sd3`, ε on DDPM/DDIM models); the error is
 measured on x̂_0 whatever it is. With `adaptive_weighting=false` l(v) is the model's own loss instead,
-mean((v − target)²) (the paper's velocity objective, uniform in t). v_ref is the pretrained model (LoRA off) and
+mean((v − target)²) (on flow models the plain velocity MSE, uniform in t). v_ref is the pretrained model (LoRA off) and
 β_KL = `kl_beta` (train.beta = 1e-4, config/base.py:89, config/nft.py:24). At v_θ = v_old the gradient is
 c (2r − 1) ∇l: images above their group's mean are pulled towards, those below pushed away, and a sample with
 r = 1/2 teaches nothing.
