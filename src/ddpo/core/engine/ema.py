@@ -52,19 +52,9 @@ class WeightAverage:
         for name, parameter in self.parameters.items():
             self.average[name].add_(weight * (parameter.detach().float() - self.average[name]))
 
-    @contextlib.contextmanager
     def applied(self):
         """Inside, the model's trained parameters hold the average; afterwards, exactly their trained values."""
-        trained = {name: parameter.detach().clone() for name, parameter in self.parameters.items()}
-        with torch.no_grad():
-            for name, parameter in self.parameters.items():
-                parameter.copy_(self.average[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, parameter in self.parameters.items():
-                    parameter.copy_(trained[name])
+        return weights_applied(self.parameters, self.average)
 
     def state(self) -> tuple[dict[str, torch.Tensor], int]:
         """The average (CPU tensors, in the trained parameters' dtype, as a checkpoint's weights) and the step count."""
@@ -78,3 +68,19 @@ class WeightAverage:
             source = parameter.detach() if average is None else shard_like(parameter, average[name])
             self.average[name] = source.to(parameter.device, torch.float32).clone()
         self.optimizer_steps = optimizer_steps
+
+
+@contextlib.contextmanager
+def weights_applied(parameters: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]):
+    """Inside, each of `parameters` (name -> parameter) holds `weights[name]` (another set of the same weights: a
+    moving average, an algorithm's old policy); afterwards, exactly its own values again."""
+    own = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(weights[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(own[name])

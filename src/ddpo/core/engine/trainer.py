@@ -203,7 +203,7 @@ def _train_epoch(run: Run, engine: RolloutEngine, logger: RunLogger | None, hook
         trajectory, images = offline
     else:
         with (run.progress(config.sample.batches_per_epoch, f"epoch {epoch}/{config.epochs} sampling") as bar,
-              run.model.sampling()):
+              run.model.sampling(), run.algorithm.sampling_weights(run)):
             trajectory, images = engine.collect(
                 run.generator("sample"), random.Random(derive_seed(config.seed, epoch, accelerator.process_index,
                                                                    "prompts")),

@@ -30,8 +30,9 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _predicted_original(scheduler, model_output, sample, alpha_t):
-    """(x0_hat, eps_hat) from the model output, by the scheduler's prediction type, x0_hat clipped as it says."""
+def _predicted_original(scheduler, model_output, sample, alpha_t, clip: bool = True):
+    """(x0_hat, eps_hat) from the model output, by the scheduler's prediction type, x0_hat clipped as it says
+    (`clip`; a loss on x0_hat turns it off, so that its gradient reaches every element)."""
     config = scheduler.config
     if config.prediction_type == "epsilon":
         original = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
@@ -47,7 +48,7 @@ def _predicted_original(scheduler, model_output, sample, alpha_t):
                          "valid: epsilon, sample, v_prediction")
     if getattr(config, "thresholding", False):
         raise ValueError("dynamic thresholding is not supported; set the scheduler's thresholding=False")
-    if config.clip_sample:
+    if clip and config.clip_sample:
         original = original.clamp(-config.clip_sample_range, config.clip_sample_range)
     return original, epsilon
 

@@ -6,7 +6,8 @@ Three kinds wrap diffusers' schedulers, which give the schedules (and, for flow 
 DDIM with eta, DDPM ancestral steps, and a flow-matching SDE (eta is its noise level): Flow-GRPO's, DanceGRPO's or
 the coefficients-preserving sampler, by `sample.sde`. The step
 math is in `ddpo.core.math.logprob`. A sampler also says how the model is trained to denoise (`denoising_target`),
-for the regression losses (RWR), and the forward process at chosen times (`noised`: AWM).
+for the regression losses (RWR), the forward process at chosen times (`noised`: AWM, DiffusionNFT), and which clean
+state a model output implies (`predicted_original`: DiffusionNFT).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ddpo.core.math.logprob import (
+    _predicted_original,
     ddim_previous_timestep,
     ddim_step_with_logprob,
     ddpm_previous_timestep,
@@ -67,7 +69,8 @@ class Sampler:
                timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The forward process at chosen times: `(noisy, timesteps, target)` for clean states x_0 (B, C, H, W),
         noise (B, C, H, W) and model times (B,) (as the trajectory records them), x_t and what the model should
-        predict there. For the losses on re-noised final samples at the sampler's own times (AWM)."""
+        predict there. For the losses on re-noised final samples at the sampler's own times (AWM,
+        DiffusionNFT)."""
         config = self.scheduler.config
         noisy = self.scheduler.add_noise(original, noise, timesteps)
         if config.prediction_type == "epsilon":
@@ -80,6 +83,16 @@ class Sampler:
             raise ValueError(f"prediction_type '{config.prediction_type}' is not supported; "
                              "valid: epsilon, v_prediction, sample")
         return noisy, timesteps, target
+
+    def predicted_original(self, model_output: torch.Tensor, noisy: torch.Tensor,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """x̂_0 (B, C, H, W) float32 that the model output (B, C, H, W) at x_t `noisy` and `timesteps` (B,) implies,
+        by the scheduler's prediction type (epsilon: (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)), never clipped."""
+        alphas = self.scheduler.alphas_cumprod.to(torch.float32)[timesteps.detach().to("cpu", torch.long)]
+        alpha_t = alphas.to(noisy.device).reshape(-1, *([1] * (noisy.ndim - 1)))
+        original, _ = _predicted_original(self.scheduler, model_output.to(torch.float32), noisy.to(torch.float32),
+                                          alpha_t, clip=False)
+        return original
 
 
 class DDIMSampler(Sampler):
@@ -150,6 +163,11 @@ class FlowSDESampler(Sampler):
         noisy = (1 - shaped) * original + shaped * noise
         return noisy, timesteps, noise - original
 
+
+    def predicted_original(self, model_output, noisy, timesteps):
+        """x̂_0 = x_σ − σ v: the clean end of the straight path through x_σ with velocity v."""
+        sigma = timesteps.to(noisy.device, torch.float32) / self.scheduler.config.num_train_timesteps
+        return noisy.to(torch.float32) - sigma.reshape(-1, *([1] * (noisy.ndim - 1))) * model_output.to(torch.float32)
 
 
 class FluxSampler(FlowSDESampler):

@@ -6,6 +6,7 @@ The model base class lives in `ddpo.core.plugin_api.model`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -122,6 +123,12 @@ class Algorithm(Plugin):
         trains at likelihood ratio 1 with the loss -A log p per step, so that `train.gradient_from_sampling`
         can take their gradient from the sampling pass; 0 (the default): none."""
         return 0
+
+    def sampling_weights(self, run: Run) -> contextlib.AbstractContextManager:
+        """A context inside which the policy holds the weights that sample the epoch's trajectories (e.g.
+        DiffusionNFT's soft-updated old policy), the trained weights back afterwards; the default samples with the
+        trained weights themselves."""
+        return contextlib.nullcontext()
 
     def offline_trajectories(self, run: Run) -> tuple[Trajectory, torch.Tensor] | None:
         """This epoch's trajectories to train on instead of sampling new ones, with `rewards` set, and their
