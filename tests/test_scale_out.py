@@ -446,3 +446,17 @@ def test_an_algorithm_module_of_its_own_is_refused_under_deepspeed():
     value = torch.nn.Linear(2, 1)
     with pytest.raises(UsageError, match="algorithm 'dpok' trains a module of its own \\('value'\\)"):
         run.register_module("value", value, torch.optim.AdamW(value.parameters()))
+
+
+def test_diffusion_nfts_old_policy_copy_is_refused_under_deepspeed():
+    """DiffusionNFT swaps a whole copy of the trained weights in to sample (its old policy), which ZeRO's partitions
+    do not allow (as the EMA): its setup under DeepSpeed is a usage error that names FSDP instead. The accelerator
+    stands in for a DeepSpeed one, as above."""
+    from types import SimpleNamespace
+
+    from ddpo.core.configuration.errors import UsageError
+    from ddpo.plugins.algorithms.nft import DiffusionNFT
+
+    run = SimpleNamespace(accelerator=SimpleNamespace(deepspeed_engine_wrapped=object()))
+    with pytest.raises(UsageError, match="diffusion-nft keeps its old policy .* --distributed fsdp"):
+        DiffusionNFT().setup(run)

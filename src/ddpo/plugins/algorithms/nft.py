@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Literal
 import pydantic
 
 import ddpo
+from ddpo.core.configuration.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -209,6 +210,11 @@ class DiffusionNFT(ddpo.Algorithm):
         return False
 
     def setup(self, run):
+        from ddpo.core.engine.distributed import deepspeed_engine
+
+        if deepspeed_engine(run.accelerator) is not None:
+            raise UsageError("diffusion-nft keeps its old policy as a second copy of the trained weights, swapped in "
+                             "whole, which ZeRO partitions; shard with --distributed fsdp")
         self.old = OldPolicy(dict(run.model.trainable_named_parameters()))
 
     def sampling_weights(self, run):
