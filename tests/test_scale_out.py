@@ -457,6 +457,6 @@ def test_diffusion_nfts_old_policy_copy_is_refused_under_deepspeed():
     from ddpo.core.configuration.errors import UsageError
     from ddpo.plugins.algorithms.nft import DiffusionNFT
 
-    run = SimpleNamespace(accelerator=SimpleNamespace(deepspeed_engine_wrapped=object()))
+    run = SimpleNamespace(accelerator=SimpleNamespace(deepspeed_engine_wrapped=SimpleNamespace(engine=object())))
     with pytest.raises(UsageError, match="diffusion-nft keeps its old policy .* --distributed fsdp"):
         DiffusionNFT().setup(run)
