@@ -354,6 +354,25 @@ def test_training_on_human_labels_learns_the_labelled_preference(labelled_pairs,
     assert margin[-1] > 0 and margin[-1] > margin[0], margin
 
 
+def test_pairs_of_a_model_with_several_embeddings_export_and_train(tiny_sd3, tmp_path):
+    """SD3 conditions on a dict of embeddings (per-token and pooled): the export stores each as its own tensor and
+    training on the labels rebuilds the dict (both once failed: the export could not save a dict)."""
+    from safetensors.torch import load_file
+
+    sets = ["--model", "sd3", "--set", f"model.pretrained={tiny_sd3}", "--set", "model.lora_rank=4",
+            "--set", "sample.num_steps=2"]
+    assert cli("pairs", "export", "--out", str(tmp_path / "pairs"), "--num", "2", *sets) == 0
+    tensors = load_file(str(tmp_path / "pairs" / "trajectories.safetensors"))
+    assert tensors["prompt_embeds.prompt_embeds"].shape[0] == 4
+    assert tensors["prompt_embeds.pooled_prompt_embeds"].shape[0] == 4
+    labels = tmp_path / "pairs" / "labels.jsonl"
+    labels.write_text('{"pair": 0, "preferred": 0}\n{"pair": 1, "preferred": 1}\n')
+    assert cli("run", "--algo", "d3po", *sets, "--set", f"algorithm.labels={labels}", "--set", "train.batch_size=2",
+               "--set", "train.grad_accum=1", "--epochs", "1", "--logdir", str(tmp_path), "--run-name", "sd3") == 0
+    [record] = read_metrics(tmp_path / "sd3")
+    assert record["d3po/pairs"] == 2 and record["train/optimizer_steps"] == 2
+
+
 @pytest.mark.parametrize("labels, fragment", [
     ("missing.jsonl", "labels file not found"),
     ('{"pair": 0, "preferred": 0}\nnot json\n', "line 2 is not JSON"),

@@ -17,7 +17,8 @@ from ddpo.cli.flags import ConfigFlag, DeviceFlag, ModelFlag, SeedFlag, SetFlag,
 from ddpo.core.configuration.config import RunConfig, resolve_config
 from ddpo.core.configuration.errors import UsageError
 from ddpo.core.configuration.preflight import check_output_directory
-from ddpo.plugins.algorithms.d3po import EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE
+from ddpo.plugins.algorithms.d3po import (EXPORT_FILE, PAIRS_FILE, README_FILE, SAMPLER_SETTINGS, TRAJECTORY_FILE,
+                                        flat_prompt_embeds)
 
 PAIR_IMAGE_SIDE = 256
 """Each image of a pair PNG is enlarged (nearest neighbour) to at least this many pixels a side."""
@@ -90,8 +91,7 @@ def export_pairs(config: RunConfig, out: Path, count: int, checkpoint: Path | No
     tensors = {"latents": trajectory.latents, "timesteps": trajectory.timesteps,
                "prev_timesteps": trajectory.prev_timesteps, "log_probs": trajectory.log_probs,
                "policy_steps": trajectory.policy_steps, "group_ids": trajectory.group_ids}
-    if trajectory.prompt_embeds is not None:
-        tensors["prompt_embeds"] = trajectory.prompt_embeds
+    tensors.update(flat_prompt_embeds(trajectory.prompt_embeds))
     save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
               str(out / TRAJECTORY_FILE))
     with (out / PAIRS_FILE).open("w") as listing:

@@ -40,13 +40,33 @@ from ddpo.core.configuration.errors import UsageError
 EXPORT_FILE = "export.json"
 """The export's settings and prompts: {"model": {"name", "options"}, "sample": {...}, "pairs": [...], ...}."""
 TRAJECTORY_FILE = "trajectories.safetensors"
-"""The exported trajectories' tensors, pair p in rows 2p (left) and 2p+1 (right)."""
+"""The exported trajectories' tensors, pair p in rows 2p (left) and 2p+1 (right); prompt embeddings as
+"prompt_embeds", or one "prompt_embeds.<key>" per entry of a model's dict of them (SD3, SDXL, FLUX)."""
 PAIRS_FILE = "pairs.jsonl"
 README_FILE = "README.txt"
 SAMPLER_SETTINGS = ("num_steps", "eta", "guidance_scale")
 """The sampler settings an export records; a run that trains on it must use the same."""
 PREFERENCE_REWARDS = {0: (1.0, 0.0), 1: (0.0, 1.0), "tie": (0.5, 0.5)}
 """One vote as the rewards of the (left, right) images."""
+
+
+def flat_prompt_embeds(prompt_embeds) -> dict:
+    """A trajectory's prompt embeddings as the export's flat tensors (see `TRAJECTORY_FILE`); {} for none."""
+    if prompt_embeds is None:
+        return {}
+    if isinstance(prompt_embeds, dict):
+        return {f"prompt_embeds.{key}": value for key, value in prompt_embeds.items()}
+    return {"prompt_embeds": prompt_embeds}
+
+
+def stored_prompt_embeds(tensors: dict, rows):
+    """The prompt embeddings of `rows` from the export's flat tensors, as the model made them (a tensor, a dict of
+    tensors, or None)."""
+    if "prompt_embeds" in tensors:
+        return tensors["prompt_embeds"][rows]
+    parts = {name.removeprefix("prompt_embeds."): tensor[rows] for name, tensor in tensors.items()
+             if name.startswith("prompt_embeds.")}
+    return parts or None
 
 
 def export_directory(labels: str, pairs_dir: str) -> Path:
@@ -252,7 +272,7 @@ class D3PO(ddpo.Algorithm):
             latents=tensors["latents"][rows], timesteps=tensors["timesteps"][rows],
             log_probs=tensors["log_probs"][rows], policy_steps=tensors["policy_steps"][rows],
             prev_timesteps=tensors["prev_timesteps"][rows], group_ids=tensors["group_ids"][rows],
-            prompt_embeds=tensors["prompt_embeds"][rows] if "prompt_embeds" in tensors else None,
+            prompt_embeds=stored_prompt_embeds(tensors, rows),
             prompts=[prompts[pair]["prompt"] for pair in pairs for _ in (0, 1)],
             prompt_metadata=[prompts[pair]["metadata"] for pair in pairs for _ in (0, 1)],
             rewards=torch.tensor([reward for pair in pairs for reward in rewards[pair]]),
