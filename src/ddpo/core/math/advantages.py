@@ -72,3 +72,18 @@ def group_advantages(rewards: np.ndarray, group_keys, global_std: bool = False,
         std = rewards.std() if global_std else rewards[members].std()
         advantages[members] = centred / (std + epsilon)
     return advantages, zero_std_groups
+
+
+def epoch_group_advantages(run, trajectory, group_by: str, global_std: bool):
+    """This process's group-relative advantages (B,) float32 on the trajectory's device, computed from every
+    process's rewards of the epoch (`run.gathered_rewards`), grouped by prompt string (`group_by` "prompt",
+    Flow-GRPO) or by the sampled groups' ids ("group"); and the number of groups whose rewards are all equal."""
+    import torch
+
+    if group_by == "prompt":
+        keys = run.gathered_prompts
+    else:
+        keys = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu().numpy()
+    advantages, zero_std_groups = group_advantages(run.gathered_rewards.numpy(), keys, global_std)
+    local = run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
+    return local, zero_std_groups

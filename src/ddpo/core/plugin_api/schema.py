@@ -298,3 +298,14 @@ def stack_transitions(parts: list[Transitions]) -> Transitions:
     changes = {item.name: stacked([getattr(part, item.name) for part in parts]) for item in fields(parts[0])
                if item.name != "positions"}
     return replace(parts[0], **changes, positions=sum(part.positions for part in parts))
+
+
+def prompt_embeds_at(prompt_embeds: torch.Tensor | dict[str, torch.Tensor] | None,
+                     rows: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor] | None:
+    """A trajectory's prompt embeddings (a (B, L, D) tensor, a dict of batch-first tensors, or None) at `rows`,
+    without indexing the rest of the trajectory."""
+    if prompt_embeds is None:
+        return None
+    if isinstance(prompt_embeds, dict):
+        return {key: value[rows] for key, value in prompt_embeds.items()}
+    return prompt_embeds[rows]

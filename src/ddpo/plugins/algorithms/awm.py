@@ -99,14 +99,6 @@ class Matching:
     """(N, C, H, W) float32, x_t: the final samples re-noised."""
 
 
-def _rows(embeds, rows: torch.Tensor):
-    """Prompt embeddings (None, a tensor, or a dict of batch-first tensors) at `rows`."""
-    if embeds is None:
-        return None
-    if isinstance(embeds, dict):
-        return {key: value[rows] for key, value in embeds.items()}
-    return embeds[rows]
-
 
 class AdvantageWeightedMatching(ddpo.Algorithm):
     """AWM: the flow-matching loss on re-noised final samples, weighted by advantages in a PPO-clipped ratio."""
@@ -170,17 +162,11 @@ class AdvantageWeightedMatching(ddpo.Algorithm):
         return False
 
     def compute_advantages(self, run, trajectory):
-        import torch
+        from ddpo.core.math.advantages import epoch_group_advantages
 
-        from ddpo.core.math.advantages import group_advantages
-
-        if self.options.group_by == "prompt":
-            keys = run.gathered_prompts
-        else:
-            keys = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu().numpy()
-        advantages, self.zero_std_groups = group_advantages(run.gathered_rewards.numpy(), keys,
-                                                            self.options.global_std)
-        return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
+        advantages, self.zero_std_groups = epoch_group_advantages(run, trajectory, self.options.group_by,
+                                                                  self.options.global_std)
+        return advantages
 
     def matching(self, model, final: torch.Tensor, embeds, times: torch.Tensor, noise: torch.Tensor,
                  guidance_scale: float) -> Matching:
@@ -214,6 +200,7 @@ class AdvantageWeightedMatching(ddpo.Algorithm):
         import torch
 
         from ddpo.core.math.policy import EpochStatistics
+        from ddpo.core.plugin_api.schema import prompt_embeds_at
 
         config, options = run.config, self.options
         if trajectory.advantages.ndim != 1:
@@ -233,7 +220,7 @@ class AdvantageWeightedMatching(ddpo.Algorithm):
         def inputs(rows):
             """The minibatch `rows` (b,) stacked over its K times: b·K rows, sample-major."""
             stacked = rows.repeat_interleave(count)
-            return (final[stacked], _rows(trajectory.prompt_embeds, stacked), times[rows].flatten(),
+            return (final[stacked], prompt_embeds_at(trajectory.prompt_embeds, stacked), times[rows].flatten(),
                     noise[rows].flatten(0, 1))
 
         batch_size = config.train.batch_size

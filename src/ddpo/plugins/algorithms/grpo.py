@@ -95,17 +95,11 @@ class GroupRelativePolicyOptimization(ddpo.Algorithm):
         return self.options.same_noise
 
     def compute_advantages(self, run, trajectory):
-        import torch
+        from ddpo.core.math.advantages import epoch_group_advantages
 
-        from ddpo.core.math.advantages import group_advantages
-
-        if self.options.group_by == "prompt":
-            keys = run.gathered_prompts
-        else:
-            keys = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu().numpy()
-        advantages, self.zero_std_groups = group_advantages(run.gathered_rewards.numpy(), keys,
-                                                            self.options.global_std)
-        return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
+        advantages, self.zero_std_groups = epoch_group_advantages(run, trajectory, self.options.group_by,
+                                                                  self.options.global_std)
+        return advantages
 
     def trained_samples(self, run, trajectory):
         """The samples to train on and the minibatch size: all of them at `train.batch_size`, or with

@@ -133,14 +133,6 @@ class OldPolicy:
             self.weights[name] = shard_like(parameter, weights[name]).to(parameter.device, parameter.dtype).clone()
 
 
-def _rows(prompt_embeds, rows: torch.Tensor):
-    """The prompt embeddings (a tensor, a dict of them, or None) of the trajectory rows `rows`."""
-    if prompt_embeds is None:
-        return None
-    if isinstance(prompt_embeds, dict):
-        return {key: value[rows] for key, value in prompt_embeds.items()}
-    return prompt_embeds[rows]
-
 
 class DiffusionNFT(ddpo.Algorithm):
     """DiffusionNFT: negative-aware fine-tuning on the forward process, likelihood- and CFG-free (Zheng et al. 2025)."""
@@ -227,17 +219,11 @@ class DiffusionNFT(ddpo.Algorithm):
                    options.old_decay_max)
 
     def compute_advantages(self, run, trajectory):
-        import torch
+        from ddpo.core.math.advantages import epoch_group_advantages
 
-        from ddpo.core.math.advantages import group_advantages
-
-        if self.options.group_by == "prompt":
-            keys = run.gathered_prompts
-        else:
-            keys = run.accelerator.gather(trajectory.group_ids.to(run.accelerator.device)).cpu().numpy()
-        advantages, self.zero_std_groups = group_advantages(run.gathered_rewards.numpy(), keys,
-                                                            self.options.global_std)
-        return run.local_part(torch.as_tensor(advantages, dtype=torch.float32)).to(trajectory.latents.device)
+        advantages, self.zero_std_groups = epoch_group_advantages(run, trajectory, self.options.group_by,
+                                                                  self.options.global_std)
+        return advantages
 
     def pass_loss(self, run, original: torch.Tensor, prompt_embeds, timesteps: torch.Tensor, r: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -279,6 +265,7 @@ class DiffusionNFT(ddpo.Algorithm):
 
         from ddpo.core.math.forward import renoising_steps
         from ddpo.core.math.policy import EpochStatistics
+        from ddpo.core.plugin_api.schema import prompt_embeds_at
 
         config = run.config.train
         device = trajectory.latents.device
@@ -304,7 +291,7 @@ class DiffusionNFT(ddpo.Algorithm):
                         chosen = steps[start:start + batch_size, first:first + positions].T.flatten().to(device)
                         with accumulator.micro_step(positions):
                             loss, tags = self.pass_loss(run, originals[stacked],
-                                                        _rows(trajectory.prompt_embeds, stacked),
+                                                        prompt_embeds_at(trajectory.prompt_embeds, stacked),
                                                         trajectory.timesteps[stacked, chosen], r[stacked], generator)
                             accumulator.backward(loss)
                         statistics.add(tags, positions)
